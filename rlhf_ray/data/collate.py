@@ -1,0 +1,49 @@
+"""Arrow rows -> padded tensors, made at the consumer (the learner), never in the driver."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import pyarrow as pa
+import torch
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """A right-padded batch of token sequences."""
+
+    input_ids: torch.Tensor       # [B, T] long, padded with pad_id
+    attention_mask: torch.Tensor  # [B, T] long, 1 on real tokens
+    loss_mask: torch.Tensor       # [B, T] float, 1 on tokens that carry loss
+
+    def to(self, device: str | torch.device) -> "TokenBatch":
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device))
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int, left: bool = False,
+                  dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """[B, max_len] tensor of `sequences`, padded right (or left, for generation prompts)."""
+    width = max((len(s) for s in sequences), default=0)
+    out = torch.full((len(sequences), max(width, 1)), pad_value, dtype=dtype)
+    for i, seq in enumerate(sequences):
+        if len(seq):
+            values = torch.as_tensor(list(seq), dtype=dtype)
+            if left:
+                out[i, width - len(seq):] = values
+            else:
+                out[i, :len(seq)] = values
+    return out
+
+
+def collate_sft(table: pa.Table, rows: Sequence[int], pad_id: int) -> TokenBatch:
+    """Rows `rows` of an SFT table (`input_ids`, `loss_mask` list columns) as a padded batch."""
+    if not rows:  # a rank with nothing to do still joins ZeRO-3 collectives with a masked dummy row
+        return TokenBatch(torch.full((1, 2), pad_id), torch.ones(1, 2, dtype=torch.long), torch.zeros(1, 2))
+    part = table.take(list(rows))
+    ids = part.column("input_ids").to_pylist()
+    masks = part.column("loss_mask").to_pylist()
+    input_ids = pad_sequences(ids, pad_id)
+    attention = pad_sequences([[1] * len(s) for s in ids], 0)
+    loss_mask = pad_sequences(masks, 0, dtype=torch.float32)
+    return TokenBatch(input_ids, attention, loss_mask)

@@ -1,0 +1,68 @@
+"""Starting or joining Ray, and the environment every worker gets (through `runtime_env`, never at import)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterator, Optional
+
+import ray
+
+from rlhf_ray.models.tiny import cache_dir
+
+
+def worker_env_vars(device: str) -> dict[str, str]:
+    """Environment for every actor of a run: op-build cache, accelerator choice, quiet tokenizers."""
+    env = {
+        # DeepSpeed compiles its CPU ops (shm comm, cpu_adam) on first use; cache them once per machine.
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR") or str(cache_dir() / "torch_extensions"),
+        "RLHF_RAY_CACHE": str(cache_dir()),
+        "TOKENIZERS_PARALLELISM": "false",
+        # Arrow batches are zero-copy anyway; torch tensors (weights) are too with this set.
+        "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
+    }
+    if device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    elif device == "cuda":
+        env["DS_ACCELERATOR"] = "cuda"
+    return env
+
+
+def cluster_device(requested: str) -> str:
+    """`auto` -> cuda when the Ray cluster has GPUs, else cpu."""
+    if requested != "auto":
+        return requested
+    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
+def _local_temp_dir() -> str:
+    # Ray's unix socket paths must stay short (about 107 bytes), so not under a deep project path.
+    path = Path(tempfile.gettempdir()) / "rlhf_ray" / uuid.uuid4().hex[:8]
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+@contextlib.contextmanager
+def ray_session(address: Optional[str], num_cpus: Optional[int] = None, device: str = "auto") -> Iterator[None]:
+    """Use the Ray already initialised in this process, else join `address`, else start a local instance.
+
+    A local instance gets its own temp dir and `address="local"`, so it never attaches to another cluster on
+    the machine; it is shut down on exit (only what this call started).
+    """
+    if ray.is_initialized():
+        yield
+        return
+    env = {"env_vars": worker_env_vars("cpu" if device == "cpu" else device)}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        cpus = max(num_cpus or os.cpu_count() or 1, 1)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, _temp_dir=_local_temp_dir(),
+                 runtime_env=env, log_to_driver=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()

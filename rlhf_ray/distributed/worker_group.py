@@ -1,0 +1,157 @@
+"""One small helper that places N Ray actors, gives them ranks and fans calls out to them.
+
+Every multi-rank role (policy learner, critic, reward-model learner) is a `WorkerGroup` of one actor class.
+Placement goes through a placement group (one bundle per rank: CPU locally, CPU+GPU on a cluster), so the
+ranks of a DeepSpeed job are reserved together or not at all. Rank 0 picks its node address and a free port;
+every actor then sets MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK and joins one torch.distributed group.
+
+Calls are made through the actors' real methods: `group.map(lambda actor, rank: actor.save.remote(path))`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Optional, TypeVar
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+A = TypeVar("A")
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot (or did not in time) provide what a group asked for."""
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """How many ranks a group has and what each reserves."""
+
+    name: str
+    num_workers: int
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    strategy: str = "PACK"
+    ready_timeout_s: float = 120.0
+
+    def bundles(self) -> list[dict[str, float]]:
+        bundle = {"CPU": self.cpus_per_worker}
+        if self.gpus_per_worker > 0:
+            bundle["GPU"] = self.gpus_per_worker
+        return [dict(bundle) for _ in range(self.num_workers)]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class DistributedWorker:
+    """Base of every actor that is one rank of a torch.distributed job."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def node_address(self) -> tuple[str, str, int]:
+        """(node id, IP address, a free port) of this actor; rank 0's become the rendezvous point."""
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), _free_port()
+
+    def set_distributed_env(self, rank: int, world_size: int, local_rank: int, master_addr: str,
+                            master_port: int) -> None:
+        self.rank, self.world_size = rank, world_size
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+
+    def ping(self) -> int:
+        return self.rank
+
+
+class WorkerGroup(Generic[A]):
+    """N actors of `actor_cls` in one placement group, with ranks and rendezvous set up."""
+
+    def __init__(self, actor_cls: type, spec: GroupSpec, *args: Any, runtime_env: Optional[dict] = None,
+                 placement: Optional[PlacementGroup] = None, **kwargs: Any):
+        self.spec = spec
+        self._owns_placement = placement is None
+        self.placement_group = placement or reserve(spec)
+        remote_cls = actor_cls if hasattr(actor_cls, "remote") else ray.remote(actor_cls)
+        self.actors: list[A] = [
+            remote_cls.options(
+                num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker, name=None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group,
+                                                                     placement_group_bundle_index=i),
+                runtime_env=runtime_env,
+            ).remote(*args, **kwargs)
+            for i in range(spec.num_workers)
+        ]
+        self._rendezvous()
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def _rendezvous(self) -> None:
+        addresses = ray.get([a.node_address.remote() for a in self.actors])
+        _, master_addr, master_port = addresses[0]
+        seen_on_node: dict[str, int] = {}
+        calls = []
+        for rank, (actor, (node_id, _, _)) in enumerate(zip(self.actors, addresses)):
+            local_rank = seen_on_node.get(node_id, 0)
+            seen_on_node[node_id] = local_rank + 1
+            if self.spec.gpus_per_worker > 0:
+                local_rank = 0  # Ray isolates each rank's GPU: it is device 0 inside the actor
+            calls.append(actor.set_distributed_env.remote(rank, len(self.actors), local_rank, master_addr,
+                                                          master_port))
+        ray.get(calls)
+        self.node_ids = [node_id for node_id, _, _ in addresses]
+
+    def map(self, call: Callable[[A, int], ray.ObjectRef]) -> list[ray.ObjectRef]:
+        """Start `call(actor, rank)` on every rank; returns the refs in rank order."""
+        return [call(actor, rank) for rank, actor in enumerate(self.actors)]
+
+    def get(self, call: Callable[[A, int], ray.ObjectRef]) -> list[Any]:
+        """`map`, then wait for all results."""
+        return ray.get(self.map(call))
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        if self._owns_placement:
+            remove_placement_group(self.placement_group)
+
+
+def describe_resources() -> str:
+    total = ray.cluster_resources()
+    free = ray.available_resources()
+    keys = sorted(k for k in total if k in ("CPU", "GPU", "memory") or not k.startswith(("node:", "object_")))
+    return ", ".join(f"{k} {free.get(k, 0):g} free of {total[k]:g}" for k in keys if k != "memory")
+
+
+def reserve(spec: GroupSpec) -> PlacementGroup:
+    """A ready placement group for `spec`, or a `PlacementError` saying what is missing."""
+    check_fits(spec)
+    pg = placement_group(spec.bundles(), strategy=spec.strategy, name=f"rlhf_ray/{spec.name}")
+    try:
+        ray.get(pg.ready(), timeout=spec.ready_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise PlacementError(
+            f"{spec.name}: placement of {spec.num_workers} x {spec.bundles()[0]} ({spec.strategy}) not ready "
+            f"after {spec.ready_timeout_s:.0f} s; cluster: {describe_resources()}") from None
+    return pg
+
+
+def check_fits(spec: GroupSpec) -> None:
+    """Fail at once when the cluster as a whole lacks the resources `spec` needs (not wait forever)."""
+    total = ray.cluster_resources()
+    for resource in ("CPU", "GPU"):
+        need = sum(b.get(resource, 0.0) for b in spec.bundles())
+        if need > total.get(resource, 0.0) + 1e-9:
+            raise PlacementError(
+                f"{spec.name}: needs {need:g} {resource} ({spec.num_workers} ranks x "
+                f"{spec.bundles()[0].get(resource, 0):g}) but the cluster has {total.get(resource, 0):g} "
+                f"in all; cluster: {describe_resources()}")

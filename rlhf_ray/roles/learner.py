@@ -1,0 +1,251 @@
+"""The learner: one rank of a DeepSpeed ZeRO job, as a Ray actor. Every stage trains through it.
+
+`LearnerGroup` is the driver's handle on all ranks: each method fans one real actor method out to every
+rank and combines the answers. Batches arrive as an Arrow table in the object store (resolved zero-copy by
+Ray) plus the row indices this rank owns; tensors are made here, never in the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from rlhf_ray.config import LearnerConfig, ModelConfig
+from rlhf_ray.distributed.worker_group import DistributedWorker, GroupSpec, WorkerGroup
+
+
+class Learner(DistributedWorker):
+    """One rank: model + DeepSpeed engine + objective."""
+
+    def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, objective: str, total_steps: int,
+                 seed: int, device: str):
+        self.model_cfg, self.cfg = model_cfg, learner_cfg
+        self.objective_name, self.total_steps, self.seed, self.device = objective, total_steps, seed, device
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+    def setup(self) -> dict[str, Any]:
+        """Join the process group, load the model (ZeRO-3: partitioned as it loads) and build the engine."""
+        import torch._dynamo  # noqa: F401  (deepspeed.zero.Init fails on transformers 5.19 without it)
+        import deepspeed
+
+        from rlhf_ray.distributed.deepspeed_setup import build_lr_scheduler, build_optimizer, deepspeed_config
+        from rlhf_ray.models.loading import load_tokenizer, resolve_dtype
+        from rlhf_ray.roles.objectives import make_objective
+
+        deepspeed.init_distributed(dist_backend="nccl" if self.device == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+        self._seed_everything(self.seed)
+        self.dtype = resolve_dtype(self.model_cfg.dtype, self.device)
+        ds_config = deepspeed_config(self.cfg, self.dtype)
+        self._hf_ds_config = None
+        if self.cfg.zero_stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+            self._hf_ds_config = HfDeepSpeedConfig(ds_config)  # kept alive: from_pretrained then uses zero.Init
+        self.objective = make_objective(self.objective_name)
+        self.tokenizer = load_tokenizer(self.model_cfg)
+        model = self.objective.load_model(self.model_cfg, torch.float32 if self.device == "cpu" else self.dtype)
+        optimizer = build_optimizer(model, self.cfg, self.device)
+        # The scheduler is built on the optimizer DeepSpeed wraps (ZeRO may regroup parameters).
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config,
+            lr_scheduler=lambda opt: build_lr_scheduler(opt, self.cfg, self.total_steps))
+        self.pad_id = self.tokenizer.pad_token_id
+        num_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+        return {"rank": self.rank, "num_params": num_params, "device": str(self.engine.device)}
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _all_reduce(self, values: Sequence[float]) -> list[float]:
+        tensor = torch.tensor(list(values), dtype=torch.float64, device=self.engine.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+    # -- training -------------------------------------------------------------------------------------------
+    def train_step(self, table: pa.Table, rows: Sequence[int]) -> dict[str, float]:
+        """One optimizer step over this rank's `rows` (micro_batch_size x grad_accum of them).
+
+        The loss of each micro-batch is a sum divided by the token count of the *global* step, scaled so that
+        DeepSpeed's averaging over ranks and accumulation steps cancels: the gradient is that of the mean
+        over every token of the step, however the step is split.
+        """
+        self.engine.train()
+        micro = self.cfg.micro_batch_size
+        chunks = [rows[i:i + micro] for i in range(0, len(rows), micro)]
+        if len(chunks) != self.cfg.grad_accum:
+            raise ValueError(f"rank {self.rank}: got {len(rows)} rows, expected "
+                             f"{micro * self.cfg.grad_accum} (micro_batch_size x grad_accum)")
+        batches = [self.objective.micro_batch(table, chunk, self.pad_id) for chunk in chunks]
+        local = [sum(self.objective.count(b) for b in batches), sum(self.objective.num_tokens(b) for b in batches)]
+        global_count, global_tokens = self._all_reduce(local)
+        scale = self.world_size * self.cfg.grad_accum / max(global_count, 1.0)
+        loss_total = 0.0
+        stat_totals: dict[str, float] = {}
+        for batch in batches:
+            out = self.objective.loss(self.engine, batch.to(self.engine.device))
+            self.engine.backward(out.loss_sum * scale)
+            self.engine.step()
+            loss_total += out.loss_sum.item()
+            for key, value in out.stats.items():
+                stat_totals[key] = stat_totals.get(key, 0.0) + float(value)
+        keys = sorted(stat_totals)
+        reduced = self._all_reduce([loss_total] + [stat_totals[k] for k in keys])
+        metrics = {"loss": reduced[0] / max(global_count, 1.0), "lr": self.scheduler.get_last_lr()[0],
+                   "tokens": global_tokens, "loss_tokens": global_count}
+        metrics.update({k: v / max(global_count, 1.0) for k, v in zip(keys, reduced[1:])})
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, table: pa.Table, rows: Sequence[int], num_batches: int) -> dict[str, float]:
+        """Summed loss and count over `rows`, in exactly `num_batches` forwards (equal on every rank, as
+        ZeRO-3 forwards are collectives)."""
+        self.engine.eval()
+        micro = self.cfg.micro_batch_size
+        loss_sum = count = 0.0
+        for i in range(num_batches):
+            batch = self.objective.micro_batch(table, rows[i * micro:(i + 1) * micro], self.pad_id)
+            out = self.objective.loss(self.engine.module, batch.to(self.engine.device))
+            loss_sum += out.loss_sum.item()
+            count += out.count.item()
+        return {"loss_sum": loss_sum, "count": count}
+
+    @torch.no_grad()
+    def generate(self, table: pa.Table, rows: Sequence[int], num_batches: int, max_new_tokens: int) -> list[str]:
+        """Greedy answers to the `prompt_ids` of `rows` (left-padded batches; `num_batches` on every rank)."""
+        from rlhf_ray.data.collate import pad_sequences
+
+        self.engine.eval()
+        micro = self.cfg.micro_batch_size
+        prompts = table.column("prompt_ids").to_pylist()
+        texts: list[str] = []
+        for i in range(num_batches):
+            chunk = rows[i * micro:(i + 1) * micro]
+            seqs = [prompts[r] for r in chunk] or [[self.tokenizer.eos_token_id]]
+            input_ids = pad_sequences(seqs, self.pad_id, left=True).to(self.engine.device)
+            attention = pad_sequences([[1] * len(s) for s in seqs], 0, left=True).to(self.engine.device)
+            out = self.engine.module.generate(
+                input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id,
+                synced_gpus=self.cfg.zero_stage == 3 and self.world_size > 1)
+            if chunk:
+                texts += self.tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+        return texts
+
+    # -- saving ---------------------------------------------------------------------------------------------
+    def save_model(self, path: str) -> Optional[str]:
+        """Write the full model in Hugging Face format (safetensors + tokenizer); rank 0 writes.
+
+        Every rank must call this (ZeRO-3 gathers are collectives). Written under a temporary name first.
+        """
+        from rlhf_ray.distributed.deepspeed_setup import iter_full_parameters
+
+        state = dict(iter_full_parameters(self.engine.module, self.cfg.zero_stage, self.rank))
+        if self.rank != 0:
+            return None
+        final = Path(path)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.engine.module.save_pretrained(tmp, state_dict=state)
+        self.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return str(final)
+
+    def save_checkpoint(self, path: str) -> None:
+        """DeepSpeed state (model, optimizer, scheduler shards) + this rank's RNG into `path` (every rank)."""
+        self.engine.save_checkpoint(path, tag="state")
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save(rng, Path(path) / f"rng_rank{self.rank}.pt")
+
+    def load_checkpoint(self, path: str) -> None:
+        loaded, _ = self.engine.load_checkpoint(path, tag="state", load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
+        rng_file = Path(path) / f"rng_rank{self.rank}.pt"
+        if rng_file.exists():
+            rng = torch.load(rng_file, weights_only=False)
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def parameter_checksum(self) -> float:
+        """Sum of all full parameters (float64): a cheap fingerprint to compare copies of a model."""
+        from rlhf_ray.distributed.deepspeed_setup import iter_full_parameters
+
+        total = 0.0
+        for _, tensor in iter_full_parameters(self.engine.module, self.cfg.zero_stage, self.rank):
+            total += float(tensor.double().sum())
+        return total
+
+
+class LearnerGroup:
+    """The driver's handle on a learner group: typed methods, each fanned out to every rank."""
+
+    def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, objective: str, total_steps: int,
+                 seed: int, device: str, runtime_env: Optional[dict] = None, name: str = "learner"):
+        spec = GroupSpec(name=name, num_workers=learner_cfg.num_ranks, cpus_per_worker=learner_cfg.cpus_per_rank,
+                         gpus_per_worker=learner_cfg.gpus_per_rank if device == "cuda" else 0.0,
+                         strategy=learner_cfg.placement_strategy)
+        self.cfg = learner_cfg
+        self.group: WorkerGroup[Any] = WorkerGroup(ray.remote(Learner), spec, model_cfg, learner_cfg, objective,
+                                                   total_steps, seed, device, runtime_env=runtime_env)
+        self.info = self.group.get(lambda a, r: a.setup.remote())
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.group)
+
+    def train_step(self, table: ray.ObjectRef, shards: Sequence[Sequence[int]]) -> dict[str, float]:
+        return self.group.get(lambda a, r: a.train_step.remote(table, list(shards[r])))[0]
+
+    def evaluate(self, table: ray.ObjectRef, rows: Sequence[int]) -> dict[str, float]:
+        shards, num_batches = self._eval_shards(rows)
+        parts = self.group.get(lambda a, r: a.evaluate.remote(table, shards[r], num_batches))
+        loss_sum, count = sum(p["loss_sum"] for p in parts), sum(p["count"] for p in parts)
+        return {"loss": loss_sum / max(count, 1.0), "count": count}
+
+    def generate(self, table: ray.ObjectRef, rows: Sequence[int], max_new_tokens: int) -> list[str]:
+        """Greedy answers for `rows`, in the order of `rows`."""
+        shards, num_batches = self._eval_shards(rows)
+        parts = self.group.get(lambda a, r: a.generate.remote(table, shards[r], num_batches, max_new_tokens))
+        by_row = {row: text for shard, texts in zip(shards, parts) for row, text in zip(shard, texts)}
+        return [by_row[row] for row in rows]
+
+    def _eval_shards(self, rows: Sequence[int]) -> tuple[list[list[int]], int]:
+        shards = [list(rows[r::self.num_ranks]) for r in range(self.num_ranks)]
+        longest = max(len(s) for s in shards)
+        return shards, max(1, -(-longest // self.cfg.micro_batch_size))
+
+    def save_model(self, path: str | os.PathLike) -> str:
+        return self.group.get(lambda a, r: a.save_model.remote(str(path)))[0]
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        self.group.get(lambda a, r: a.save_checkpoint.remote(str(path)))
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        self.group.get(lambda a, r: a.load_checkpoint.remote(str(path)))
+
+    def parameter_checksum(self) -> float:
+        return self.group.get(lambda a, r: a.parameter_checksum.remote())[0]
+
+    def shutdown(self) -> None:
+        self.group.shutdown()

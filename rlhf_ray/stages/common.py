@@ -1,0 +1,159 @@
+"""What every stage's driver loop shares: run directory, metrics, checkpoints, data order, timing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from rlhf_ray.config_loader import ConfigError, save_config
+
+_CHECKPOINT = re.compile(r"^step_(\d{8})$")
+
+
+class RunDir:
+    """`<output_dir>/<name>/`: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, model/."""
+
+    def __init__(self, output_dir: str, name: str):
+        self.path = Path(output_dir) / name
+        self.checkpoints = self.path / "checkpoints"
+        self.model = self.path / "model"
+
+    def prepare(self, cfg: Any, resume: str) -> Optional[Path]:
+        """Create the directory, write the resolved config, and return the checkpoint to resume from."""
+        checkpoint = self.find_resume_checkpoint(resume)
+        self.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.path / "config.yaml")
+        return checkpoint
+
+    def list_checkpoints(self) -> list[Path]:
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints.iterdir() if _CHECKPOINT.match(p.name) and p.is_dir())
+
+    def find_resume_checkpoint(self, resume: str) -> Optional[Path]:
+        existing = self.list_checkpoints()
+        if resume == "auto":
+            return existing[-1] if existing else None
+        if resume == "never":
+            if existing:
+                raise ConfigError(f"run.resume=never but {self.checkpoints} holds checkpoints "
+                                  f"({existing[-1].name}); use run.resume=auto or another run.name")
+            return None
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise ConfigError(f"run.resume: {path} is not a checkpoint directory (no trainer_state.json)")
+        return path
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.checkpoints / f"step_{step:08d}"
+
+    def staging_path(self, step: int) -> Path:
+        path = self.checkpoints / f"step_{step:08d}.tmp"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def commit_checkpoint(self, staging: Path, step: int, state: dict, keep: int) -> Path:
+        """Write the driver's state into a fully written staging dir, rename it final, prune old ones."""
+        (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        final = self.checkpoint_path(step)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        for old in self.list_checkpoints()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+class MetricsLogger:
+    """Metrics to `metrics.jsonl` (one JSON object per record) and TensorBoard."""
+
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:
+        record = {"step": step, "split": prefix, "time": time.time(), **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        self._writer.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class StepSampler:
+    """Which rows each rank trains on at each step: a seeded permutation per epoch, drop-last.
+
+    The data position is a pure function of the step number, so resuming needs only the step.
+    """
+
+    num_rows: int
+    global_batch: int
+    num_ranks: int
+    seed: int
+
+    def __post_init__(self):
+        if self.num_rows < self.global_batch:
+            raise ConfigError(f"the training set has {self.num_rows} rows, fewer than one global batch "
+                              f"({self.global_batch} = num_ranks x micro_batch_size x grad_accum)")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_rows // self.global_batch
+
+    def shards(self, step: int) -> list[list[int]]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+        rows = order[index * self.global_batch:(index + 1) * self.global_batch].tolist()
+        per_rank = self.global_batch // self.num_ranks
+        return [rows[r * per_rank:(r + 1) * per_rank] for r in range(self.num_ranks)]
+
+
+def total_steps(max_steps: int, epochs: float, steps_per_epoch: int) -> int:
+    # Round before ceil: 1.1 * 100 is 110.00000000000001 in floating point, which is 110 steps, not 111.
+    return max_steps if max_steps > 0 else max(1, int(math.ceil(round(epochs * steps_per_epoch, 6))))
+
+
+@dataclass
+class PhaseTimer:
+    """Seconds spent in each named phase of a step."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def pop(self) -> dict[str, float]:
+        out = {f"time/{k}": v for k, v in self.seconds.items()}
+        self.seconds = {}
+        return out
