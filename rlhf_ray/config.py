@@ -45,6 +45,36 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class RewardDataConfig:
+    train: str = doc("Feedback data: a .jsonl/.json/.parquet file, or a `datasets` name or directory.", "")
+    eval: Optional[str] = doc("Held-out feedback, same forms as train; null splits eval_fraction of the "
+                              "prompts off train (a prompt is never in both).", None)
+    eval_fraction: float = doc("Share of train prompts held out for evaluation when eval is null.", 0.05,
+                               ge=0.0, lt=1.0)
+    max_eval_samples: int = doc("Cap on held-out rows used for evaluation.", 512, ge=1)
+    format: Literal["auto", "pairwise", "rating", "ranking"] = doc(
+        "Row format: pairwise = {prompt, chosen, rejected, margin?} or {chosen: messages, rejected: messages}; "
+        "rating = {prompt, response, score}; ranking = {prompt, responses, ranking} (indices best to worst); "
+        "auto detects it per file from the first row.", "auto")
+    split: str = doc("Split to read when train/eval name a `datasets` dataset.", "train")
+    max_length: int = doc("Longest tokenized candidate (prompt + response) in tokens; a row with any longer "
+                          "candidate is left out and counted (never truncated: a cut response would carry "
+                          "a preference it no longer shows).", 512, ge=8)
+    skip_invalid: bool = doc("Skip and count malformed rows instead of stopping with an error.", False)
+    rating_scale: tuple[float, ...] = doc("[lo, hi] of rating scores; scores outside it are errors, and "
+                                          "ratings are normalised to (score - lo) / (hi - lo).", (1.0, 5.0))
+    ratings_to_pairs: bool = doc("Turn every two ratings of the same prompt with different scores into a "
+                                 "pair (higher score chosen; equal scores skipped) instead of rating rows.",
+                                 False)
+
+    def __post_init__(self):
+        scale = list(self.rating_scale)
+        numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scale)
+        if len(scale) != 2 or not numbers or not scale[0] < scale[1]:
+            raise ConfigError(f"data.rating_scale: expected two numbers [lo, hi] with lo < hi, got {scale}")
+
+
+@dataclass(frozen=True)
 class LearnerConfig:
     num_ranks: int = doc("Data-parallel ranks (Ray actors) of the DeepSpeed job.", 1, ge=1)
     zero_stage: int = doc("DeepSpeed ZeRO stage: 0 (plain DDP), 1 (optimizer), 2 (+gradients), "
@@ -98,8 +128,12 @@ class RunConfig:
                       "or the path of a checkpoint directory.", "auto")
     ray_address: Optional[str] = doc("Ray cluster to join (e.g. auto, ray://head:10001); null starts a "
                                      "local Ray instance with its own temp dir.", None)
-    num_cpus: Optional[int] = doc("Logical CPUs of the local Ray instance; null uses the machine's count, "
-                                  "raised if the roles need more.", None, ge=1)
+    num_cpus: Optional[int] = doc("Logical CPUs of the local Ray instance; null uses the machine's core count.",
+                                  None, ge=1)
+
+    def __post_init__(self):
+        if self.max_steps == 0:
+            raise ConfigError("run.max_steps: must be -1 (derive from run.epochs) or >= 1, got 0")
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ PRESETS: dict[str, dict[str, int]] = {
                  intermediate_size=1536),
 }
 TINY_PREFIX = "tiny:"
-_FORMAT_VERSION = "1"  # bump when the recipe changes, so caches rebuild
+_FORMAT_VERSION = "2"  # bump when the recipe changes, so caches rebuild
 
 
 def cache_dir() -> Path:
@@ -63,8 +63,11 @@ def build_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus(), trainer=trainer)
+    # unk_token is never produced by byte-level BPE, but must be named: transformers loads every qwen2
+    # directory as Qwen2Tokenizer, which otherwise adds "<|endoftext|>" as unk at id 267, one past the
+    # model's embedding (text containing it would index out of range).
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|end|>", pad_token="<|pad|>",
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|end|>", pad_token="<|pad|>", unk_token="<|end|>",
         chat_template=CHAT_TEMPLATE, padding_side="right", model_max_length=4096,
     )
 
@@ -96,6 +99,8 @@ def build_model_dir(preset: str, out_dir: str | os.PathLike, seed: int = 0) -> P
 
 def ensure_tiny_model(preset: str, seed: int = 0) -> Path:
     """The cached directory of `preset`, building it on first use (safe when processes race)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown tiny model preset {preset!r}; valid presets: {', '.join(PRESETS)}")
     root = cache_dir() / "models"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{preset}-seed{seed}-v{_FORMAT_VERSION}"
@@ -117,4 +122,7 @@ def resolve_model_path(path: str) -> str:
         return path
     spec = path[len(TINY_PREFIX):]
     preset, _, seed = spec.partition("@")
+    if preset not in PRESETS or (seed and not seed.isdigit()):
+        raise ValueError(f"model path {path!r}: expected tiny:<preset> or tiny:<preset>@<seed> with preset "
+                         f"one of {', '.join(PRESETS)} and a non-negative integer seed")
     return str(ensure_tiny_model(preset, int(seed) if seed else 0))

@@ -296,10 +296,10 @@ def test_config_help_lists_every_leaf_key_with_its_help():
     leaves = list(leaf_fields(SFTConfig))
     assert len(leaves) > 30
     for key, f in leaves:
-        assert re.search(rf"^  {re.escape(key)} = ", text, re.M), key
+        assert re.search(rf"^  {re.escape(key)} = ", text, re.MULTILINE), key
         assert f.metadata["help"] in text, key
     for section in ("model", "data", "learner", "run", "eval"):
-        assert re.search(rf"^{section}:  \S", text, re.M), section
+        assert re.search(rf"^{section}:  \S", text, re.MULTILINE), section
 
 
 def test_config_help_shows_defaults_types_and_bounds():

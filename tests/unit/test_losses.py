@@ -163,7 +163,7 @@ def test_loss_summed_over_any_split_equals_the_whole_batch(seed, parts):
 
 def test_mean_of_part_means_is_not_the_loss():
     """Why losses return sums: averaging per-part means weights short parts too much."""
-    logits, ids, mask, lengths = _batch(3)
+    logits, ids, mask, _ = _batch(3)
     whole_sum, whole_count = sft_loss(logits, ids, mask)
     means = []
     for rows in ([0], [1, 2, 3, 4, 5, 6, 7]):

@@ -12,7 +12,7 @@ from rlhf_ray.data import synthetic
 from rlhf_ray.data.synthetic import (TASKS, Task, corpus, get_task, is_correct, make_rows, score_answer, solve,
                                      write_jsonl, write_sft_dataset)
 from rlhf_ray.models import tiny
-from rlhf_ray.models.tiny import PRESETS, build_tokenizer, resolve_model_path
+from rlhf_ray.models.tiny import PRESETS, build_tokenizer, ensure_tiny_model, resolve_model_path
 
 # -- tasks ------------------------------------------------------------------------------------------------
 
@@ -191,6 +191,7 @@ def test_loaded_tokenizer_fits_the_model_and_matches_the_built_one(loaded, built
     vocab_size = AutoConfig.from_pretrained(tiny_model_path).vocab_size
     assert len(loaded) == len(built) == vocab_size
     assert max(loaded.get_vocab().values()) < vocab_size
+    assert max(loaded.encode("<|endoftext|> <|unk|>", add_special_tokens=False)) < vocab_size
     for text in corpus(300, seed=9)[:-1] + ["<|user|>sort\nqwe<|end|><|assistant|>eqw<|end|>"]:
         assert loaded.encode(text, add_special_tokens=False) == built.encode(text, add_special_tokens=False)
 
@@ -217,9 +218,13 @@ def test_resolve_model_path_passes_other_paths_through():
 
 def test_unknown_preset_names_the_valid_ones(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHF_RAY_CACHE", str(tmp_path))
-    with pytest.raises(ValueError, match=r"unknown tiny model preset 'huge'; valid presets: tiny, small, base"):
+    with pytest.raises(ValueError, match=r"'tiny:huge'.*preset one of tiny, small, base"):
         resolve_model_path("tiny:huge")
-    assert not list((tmp_path / "models").glob("huge*"))  # nothing half-built left behind
+    with pytest.raises(ValueError, match=r"unknown tiny model preset 'huge'; valid presets: tiny, small, base"):
+        ensure_tiny_model("huge")
+    with pytest.raises(ValueError, match=r"non-negative integer seed"):
+        resolve_model_path("tiny:tiny@abc")
+    assert not (tmp_path / "models").exists() or not list((tmp_path / "models").glob("*huge*"))
 
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
