@@ -13,6 +13,7 @@ setup:
 demo: setup
 	$(VENV)/bin/rlhf-ray synth-data data/generated
 	$(VENV)/bin/rlhf-ray sft configs/tiny-cpu/sft.yaml run.name=demo-sft-$(RUN_TAG)
+	$(VENV)/bin/rlhf-ray rm configs/tiny-cpu/rm.yaml run.name=demo-rm-$(RUN_TAG)
 
 test: setup
 	$(VENV)/bin/python -m pytest tests

@@ -2,7 +2,8 @@
 
     rlhf-ray sft configs/tiny-cpu/sft.yaml learner.num_ranks=2 run.max_steps=200
     rlhf-ray sft --help                  # every config key with its type, default and meaning
-    rlhf-ray synth-data data/generated   # the synthetic task files the tiny presets train on
+    rlhf-ray rm configs/tiny-cpu/rm.yaml data.train=data/generated/ranking_train.jsonl
+    rlhf-ray synth-data data/generated   # the synthetic task and feedback files the tiny presets use
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ def _run_sft(cfg) -> None:
     print(f"[sft] done: run directory {result.run_dir}, model {result.model_dir}")
 
 
-STAGE_RUNNERS: dict[str, Callable] = {"sft": _run_sft}
+def _run_rm(cfg) -> None:
+    from rlhf_ray.stages.rm import run_rm
+
+    result = run_rm(cfg)
+    print(f"[rm] done: run directory {result.run_dir}, reward model {result.model_dir}")
+
+
+STAGE_RUNNERS: dict[str, Callable] = {"sft": _run_sft, "rm": _run_rm}
 
 
 def _stage_parser(sub, name: str) -> None:
@@ -36,9 +44,12 @@ def _stage_parser(sub, name: str) -> None:
 
 
 def _synth_parser(sub) -> None:
-    parser = sub.add_parser("synth-data", help="write the synthetic task datasets (JSONL) to a directory")
+    parser = sub.add_parser("synth-data", help="write the synthetic SFT and feedback datasets (JSONL) to a directory")
     parser.add_argument("out_dir")
-    parser.add_argument("--tasks", default="reverse,sort,add", help="comma-separated task names")
+    parser.add_argument("--tasks", default="reverse,sort,add", help="comma-separated tasks of the SFT files")
+    parser.add_argument("--feedback-tasks", default="sort",
+                        help="tasks of the feedback files (sort: a right answer is recognisable locally, which "
+                             "a tiny reward model learns in minutes)")
     parser.add_argument("--n-train", type=int, default=6000)
     parser.add_argument("--n-eval", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
@@ -58,10 +69,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "synth-data":
-            from rlhf_ray.data.synthetic import write_sft_dataset
+            from rlhf_ray.data.synthetic import write_feedback_datasets, write_sft_dataset
 
-            paths = write_sft_dataset(args.out_dir, tuple(args.tasks.split(",")), args.n_train, args.n_eval,
-                                      args.seed)
+            tasks = tuple(args.tasks.split(","))
+            paths = write_sft_dataset(args.out_dir, tasks, args.n_train, args.n_eval, args.seed)
+            paths.update(write_feedback_datasets(args.out_dir, tuple(args.feedback_tasks.split(",")), args.n_train,
+                                                 args.n_eval, args.seed))
             for split, path in paths.items():
                 print(f"{split}: {path}")
             return 0

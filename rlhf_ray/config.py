@@ -161,4 +161,35 @@ class SFTConfig:
             raise ConfigError("data.train: required; name a .jsonl/.json/.parquet file or a `datasets` name")
 
 
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig}
+@dataclass(frozen=True)
+class RewardLossConfig:
+    ranking_loss: Literal["pairwise", "plackett_luce"] = doc(
+        "Loss for ranking rows: pairwise = mean Bradley-Terry loss over all ordered pairs of the ranking; "
+        "plackett_luce = the listwise likelihood of the whole ranking.", "pairwise")
+
+
+@dataclass(frozen=True)
+class RMEvalConfig:
+    at_start: bool = doc("Also evaluate the starting model, so the run shows before and after.", True)
+    num_print: int = doc("Held-out items printed with their rewards.", 3, ge=0)
+
+
+@dataclass(frozen=True)
+class RMConfig:
+    """Reward model: learn R(prompt, response) from preferences, ratings or rankings."""
+
+    model: ModelConfig = doc("The base or SFT model the reward model starts from (a one-output scoring head "
+                             "is added on its last token).", default_factory=ModelConfig)
+    data: RewardDataConfig = doc("Human feedback.", default_factory=RewardDataConfig)
+    loss: RewardLossConfig = doc("Reward-model losses.", default_factory=RewardLossConfig)
+    learner: LearnerConfig = doc("The DeepSpeed learner group; micro_batch_size counts feedback rows (each "
+                                 "with all its candidates).", default_factory=LearnerConfig)
+    run: RunConfig = doc("Run directory, length, logging, checkpoints.", default_factory=RunConfig)
+    eval: RMEvalConfig = doc("Evaluation on held-out feedback.", default_factory=RMEvalConfig)
+
+    def __post_init__(self):
+        if not self.data.train:
+            raise ConfigError("data.train: required; name a .jsonl/.json/.parquet file or a `datasets` name")
+
+
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig}

@@ -47,3 +47,41 @@ def collate_sft(table: pa.Table, rows: Sequence[int], pad_id: int) -> TokenBatch
     attention = pad_sequences([[1] * len(s) for s in ids], 0)
     loss_mask = pad_sequences(masks, 0, dtype=torch.float32)
     return TokenBatch(input_ids, attention, loss_mask)
+
+
+@dataclass(frozen=True)
+class PreferenceBatch:
+    """Feedback rows flattened to one padded batch of candidate sequences, with each row's judgement."""
+
+    input_ids: torch.Tensor        # [S, T] every candidate of every row, right-padded
+    attention_mask: torch.Tensor   # [S, T]
+    offsets: list[int]             # row i's candidates are sequences offsets[i]:offsets[i+1]
+    kinds: list[str]               # per row: "pair" | "ranking" | "rating"
+    orders: list[list[int]]        # per row: candidate indices (within the row), best first
+    scores: list[list[float]]      # per row: normalised rating for "rating" rows, else []
+    margins: list[float]           # per row
+
+    def to(self, device: str | torch.device) -> "PreferenceBatch":
+        return PreferenceBatch(self.input_ids.to(device), self.attention_mask.to(device), self.offsets,
+                               self.kinds, self.orders, self.scores, self.margins)
+
+
+def collate_preferences(table: pa.Table, rows: Sequence[int], pad_id: int) -> PreferenceBatch:
+    """Rows of a preference table (see `data.preference.PREFERENCE_SCHEMA`) as one flat padded batch.
+
+    No rows gives one masked dummy sequence and no judgements (ranks with nothing to do still join ZeRO-3
+    collectives).
+    """
+    if not rows:
+        return PreferenceBatch(torch.full((1, 2), pad_id), torch.ones(1, 2, dtype=torch.long), [0], [], [], [], [])
+    part = table.take(list(rows)).to_pydict()
+    sequences = [seq for candidates in part["sequences"] for seq in candidates]
+    offsets = [0]
+    for candidates in part["sequences"]:
+        offsets.append(offsets[-1] + len(candidates))
+    return PreferenceBatch(
+        input_ids=pad_sequences(sequences, pad_id),
+        attention_mask=pad_sequences([[1] * len(s) for s in sequences], 0),
+        offsets=offsets, kinds=part["kind"], orders=part["order"], scores=part["scores"],
+        margins=[float(m) for m in part["margin"]],
+    )

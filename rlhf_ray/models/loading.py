@@ -46,3 +46,20 @@ def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype) -> Any:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     return model
+
+
+def load_reward_model(cfg: ModelConfig, dtype: torch.dtype, pad_token_id: int) -> Any:
+    """A sequence scorer with one output: the backbone of `cfg.path` plus a linear head on the last token.
+
+    `AutoModelForSequenceClassification` (not a custom value head) so the saved reward model is a standard
+    Hugging Face checkpoint that any tool loads. It scores the last non-pad token, found through
+    `pad_token_id`, which must therefore be set.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(cfg.path), num_labels=1, dtype=dtype, pad_token_id=pad_token_id,
+        trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model

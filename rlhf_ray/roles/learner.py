@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -26,15 +27,21 @@ class Learner(DistributedWorker):
     """One rank: model + DeepSpeed engine + objective."""
 
     def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, objective: str, total_steps: int,
-                 seed: int, device: str):
+                 seed: int, device: str, objective_options: Optional[dict] = None):
         self.model_cfg, self.cfg = model_cfg, learner_cfg
         self.objective_name, self.total_steps, self.seed, self.device = objective, total_steps, seed, device
+        self.objective_options = objective_options or {}
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def setup(self) -> dict[str, Any]:
         """Join the process group, load the model (ZeRO-3: partitioned as it loads) and build the engine."""
         import torch._dynamo  # noqa: F401  (deepspeed.zero.Init fails on transformers 5.19 without it)
         import deepspeed
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()  # e.g. "score.weight newly initialized" is expected
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
         from rlhf_ray.distributed.deepspeed_setup import build_lr_scheduler, build_optimizer, deepspeed_config
         from rlhf_ray.models.loading import load_tokenizer, resolve_dtype
@@ -49,9 +56,10 @@ class Learner(DistributedWorker):
         if self.cfg.zero_stage == 3:
             from transformers.integrations import HfDeepSpeedConfig
             self._hf_ds_config = HfDeepSpeedConfig(ds_config)  # kept alive: from_pretrained then uses zero.Init
-        self.objective = make_objective(self.objective_name)
+        self.objective = make_objective(self.objective_name, **self.objective_options)
         self.tokenizer = load_tokenizer(self.model_cfg)
-        model = self.objective.load_model(self.model_cfg, torch.float32 if self.device == "cpu" else self.dtype)
+        model = self.objective.load_model(self.model_cfg, torch.float32 if self.device == "cpu" else self.dtype,
+                                          self.tokenizer)
         optimizer = build_optimizer(model, self.cfg, self.device)
         # The scheduler is built on the optimizer DeepSpeed wraps (ZeRO may regroup parameters).
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -123,6 +131,17 @@ class Learner(DistributedWorker):
             loss_sum += out.loss_sum.item()
             count += out.count.item()
         return {"loss_sum": loss_sum, "count": count}
+
+    @torch.no_grad()
+    def score(self, table: pa.Table, rows: Sequence[int], num_batches: int) -> list[list[float]]:
+        """Per row, the model's score of each candidate (reward models); `num_batches` forwards on every rank."""
+        self.engine.eval()
+        micro = self.cfg.micro_batch_size
+        out: list[list[float]] = []
+        for i in range(num_batches):
+            batch = self.objective.micro_batch(table, rows[i * micro:(i + 1) * micro], self.pad_id)
+            out += self.objective.score(self.engine.module, batch.to(self.engine.device))
+        return out
 
     @torch.no_grad()
     def generate(self, table: pa.Table, rows: Sequence[int], num_batches: int, max_new_tokens: int) -> list[str]:
@@ -201,13 +220,15 @@ class LearnerGroup:
     """The driver's handle on a learner group: typed methods, each fanned out to every rank."""
 
     def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, objective: str, total_steps: int,
-                 seed: int, device: str, runtime_env: Optional[dict] = None, name: str = "learner"):
+                 seed: int, device: str, runtime_env: Optional[dict] = None, name: str = "learner",
+                 objective_options: Optional[dict] = None):
         spec = GroupSpec(name=name, num_workers=learner_cfg.num_ranks, cpus_per_worker=learner_cfg.cpus_per_rank,
                          gpus_per_worker=learner_cfg.gpus_per_rank if device == "cuda" else 0.0,
                          strategy=learner_cfg.placement_strategy)
         self.cfg = learner_cfg
         self.group: WorkerGroup[Any] = WorkerGroup(ray.remote(Learner), spec, model_cfg, learner_cfg, objective,
-                                                   total_steps, seed, device, runtime_env=runtime_env)
+                                                   total_steps, seed, device, objective_options,
+                                                   runtime_env=runtime_env)
         self.info = self.group.get(lambda a, r: a.setup.remote())
 
     @property
@@ -222,6 +243,13 @@ class LearnerGroup:
         parts = self.group.get(lambda a, r: a.evaluate.remote(table, shards[r], num_batches))
         loss_sum, count = sum(p["loss_sum"] for p in parts), sum(p["count"] for p in parts)
         return {"loss": loss_sum / max(count, 1.0), "count": count}
+
+    def score(self, table: ray.ObjectRef, rows: Sequence[int]) -> list[list[float]]:
+        """Per row of `rows` (in that order), the score of each candidate."""
+        shards, num_batches = self._eval_shards(rows)
+        parts = self.group.get(lambda a, r: a.score.remote(table, shards[r], num_batches))
+        by_row = {row: s for shard, scores in zip(shards, parts) for row, s in zip(shard, scores)}
+        return [by_row[row] for row in rows]
 
     def generate(self, table: ray.ObjectRef, rows: Sequence[int], max_new_tokens: int) -> list[str]:
         """Greedy answers for `rows`, in the order of `rows`."""

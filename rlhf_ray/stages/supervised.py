@@ -35,6 +35,7 @@ class StagePlan:
     evaluate: Evaluator
     # Called after the model is saved, with the learner group and the model directory (e.g. reward stats).
     finalize: Optional[Callable[[LearnerGroup, Path], None]] = None
+    objective_options: Optional[dict[str, Any]] = None
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ def run_supervised(plan: StagePlan, cfg: Any) -> StageResult:
         train_ref, eval_ref = ray.put(plan.train), ray.put(plan.eval)
         has_eval = plan.eval.num_rows > 0
         learners = LearnerGroup(cfg.model, cfg.learner, plan.objective, steps, cfg.run.seed, device,
-                                runtime_env={"env_vars": worker_env_vars(device)}, name=f"{plan.name}-learner")
+                                runtime_env={"env_vars": worker_env_vars(device)}, name=f"{plan.name}-learner",
+                                objective_options=plan.objective_options)
         logger = MetricsLogger(run_dir.path)
         loop = _Loop(plan, cfg, learners, sampler, train_ref, eval_ref if has_eval else None, logger, run_dir)
         try:
