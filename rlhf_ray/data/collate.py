@@ -85,3 +85,45 @@ def collate_preferences(table: pa.Table, rows: Sequence[int], pad_id: int) -> Pr
         offsets=offsets, kinds=part["kind"], orders=part["order"], scores=part["scores"],
         margins=[float(m) for m in part["margin"]],
     )
+
+
+@dataclass(frozen=True)
+class RLBatch:
+    """Prompt + response sequences with per-response-token fields aligned to [B, T] (T = longest response).
+
+    `response_index[b, t]` is the position in `input_ids[b]` whose logits predict response token t, so
+    `next_token_logprobs(logits, input_ids).gather(1, response_index)` gives the response tokens' logprobs.
+    """
+
+    input_ids: torch.Tensor       # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    response_index: torch.Tensor  # [B, T] long
+    mask: torch.Tensor            # [B, T] 1 on real response tokens
+    fields: dict[str, torch.Tensor]  # each [B, T]: old_logprobs, advantages, ref_logprobs, values, returns
+
+    def to(self, device: str | torch.device) -> "RLBatch":
+        return RLBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_index.to(device),
+                       self.mask.to(device), {k: v.to(device) for k, v in self.fields.items()})
+
+
+def collate_rl(table: pa.Table, rows: Sequence[int], pad_id: int, fields: Sequence[str] = ()) -> RLBatch:
+    """Rows of a rollout/experience table (prompt_ids, response_ids, list columns `fields`) as an RLBatch."""
+    if not rows:  # dummy row for ranks with nothing to do (ZeRO-3 collectives); mask 0
+        return RLBatch(torch.full((1, 2), pad_id), torch.ones(1, 2, dtype=torch.long),
+                       torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1),
+                       {f: torch.zeros(1, 1) for f in fields})
+    part = table.take(list(rows)).select(["prompt_ids", "response_ids", *fields]).to_pydict()
+    prompts, responses = part["prompt_ids"], part["response_ids"]
+    sequences = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    width = max(1, max(len(r) for r in responses))
+    index = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        index[i, :len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
+    return RLBatch(
+        input_ids=pad_sequences(sequences, pad_id),
+        attention_mask=pad_sequences([[1] * len(s) for s in sequences], 0),
+        response_index=index,
+        mask=pad_sequences([[1] * len(r) for r in responses], 0, dtype=torch.float32)[:, :width],
+        fields={f: pad_sequences(part[f], 0, dtype=torch.float32)[:, :width] if part[f] else torch.zeros(0)
+                for f in fields},
+    )

@@ -63,3 +63,18 @@ def load_reward_model(cfg: ModelConfig, dtype: torch.dtype, pad_token_id: int) -
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
+
+
+def load_value_model(cfg: ModelConfig, dtype: torch.dtype) -> Any:
+    """A per-token scorer with one output (the PPO critic), `AutoModelForTokenClassification`.
+
+    Started from a reward model its backbone and `score` head carry over (a fresh bias is added); from a
+    causal LM only the backbone does.
+    """
+    from transformers import AutoModelForTokenClassification
+
+    model = AutoModelForTokenClassification.from_pretrained(
+        resolve_model_path(cfg.path), num_labels=1, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model

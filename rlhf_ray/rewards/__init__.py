@@ -1,0 +1,61 @@
+"""Rule-based reward functions: the interface for user ones, and loading them by import path.
+
+A reward function is any callable
+
+    def my_reward(prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]
+
+named in the config as `package.module:function`. It gets the rendered prompts, the decoded responses and
+each prompt row's metadata (the dataset's extra fields: `task`, `input`, `reference`, ...), and returns one
+finite float per response. A function that raises, or returns the wrong count or a non-finite value, stops
+the run with an error naming the function.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any, Callable, Sequence
+
+RewardFunction = Callable[[list[str], list[str], list[dict]], Sequence[float]]
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function could not be loaded, raised, or returned something other than one float each."""
+
+
+def load_reward_function(path: str) -> RewardFunction:
+    """`package.module:function` -> the callable, with errors that say what is wrong with the path."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise RewardFunctionError(f"reward function {path!r}: expected 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise RewardFunctionError(f"reward function {path!r}: cannot import {module_name!r} ({err})") from err
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise RewardFunctionError(f"reward function {path!r}: {module_name} has no callable {attr!r}")
+    return fn
+
+
+def call_reward_function(path: str, fn: RewardFunction, prompts: list[str], responses: list[str],
+                         metadata: list[dict]) -> list[float]:
+    """Call `fn` and check its answer: one finite float per response."""
+    try:
+        values = fn(prompts, responses, metadata)
+    except Exception as err:  # the user's code: report which function failed, with its error
+        raise RewardFunctionError(f"reward function {path} raised {type(err).__name__}: {err}") from err
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError) as err:
+        raise RewardFunctionError(f"reward function {path} must return numbers, got {values!r:.80}") from err
+    if len(values) != len(responses):
+        raise RewardFunctionError(f"reward function {path} returned {len(values)} values for "
+                                  f"{len(responses)} responses")
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise RewardFunctionError(f"reward function {path} returned a non-finite value ({values[bad[0]]}) "
+                                  f"for response {bad[0]}: {responses[bad[0]]!r:.60}")
+    return values
+
+

@@ -82,7 +82,7 @@ class Learner(DistributedWorker):
         return tensor.tolist()
 
     # -- training -------------------------------------------------------------------------------------------
-    def train_step(self, table: pa.Table, rows: Sequence[int]) -> dict[str, float]:
+    def train_step(self, table: pa.Table, rows: Sequence[int], **loss_kwargs: Any) -> dict[str, float]:
         """One optimizer step over this rank's `rows` (micro_batch_size x grad_accum of them).
 
         The loss of each micro-batch is a sum divided by the token count of the *global* step, scaled so that
@@ -102,7 +102,7 @@ class Learner(DistributedWorker):
         loss_total = 0.0
         stat_totals: dict[str, float] = {}
         for batch in batches:
-            out = self.objective.loss(self.engine, batch.to(self.engine.device))
+            out = self.objective.loss(self.engine, batch.to(self.engine.device), **loss_kwargs)
             self.engine.backward(out.loss_sum * scale)
             self.engine.step()
             loss_total += out.loss_sum.item()
@@ -142,6 +142,26 @@ class Learner(DistributedWorker):
             batch = self.objective.micro_batch(table, rows[i * micro:(i + 1) * micro], self.pad_id)
             out += self.objective.score(self.engine.module, batch.to(self.engine.device))
         return out
+
+    @torch.no_grad()
+    def response_logprobs(self, table: pa.Table, rows: Sequence[int], num_batches: int) -> pa.Table:
+        """Policy: log p of each response token of `rows` -> table (row, values). `num_batches` on every rank."""
+        return self._per_token(table, rows, num_batches, self.objective.logprobs)
+
+    @torch.no_grad()
+    def response_values(self, table: pa.Table, rows: Sequence[int], num_batches: int) -> pa.Table:
+        """Critic: V(s_t) before each response token of `rows` -> table (row, values)."""
+        return self._per_token(table, rows, num_batches, self.objective.values)
+
+    def _per_token(self, table: pa.Table, rows: Sequence[int], num_batches: int, fn: Any) -> pa.Table:
+        self.engine.eval()
+        micro = self.cfg.micro_batch_size
+        values: list[list[float]] = []
+        for i in range(num_batches):
+            batch = self.objective.micro_batch(table, rows[i * micro:(i + 1) * micro], self.pad_id)
+            got = fn(self.engine.module, batch.to(self.engine.device))
+            values += got[:len(rows[i * micro:(i + 1) * micro])]
+        return pa.table({"row": pa.array(list(rows), pa.int64()), "values": pa.array(values, pa.list_(pa.float32()))})
 
     @torch.no_grad()
     def generate(self, table: pa.Table, rows: Sequence[int], num_batches: int, max_new_tokens: int) -> list[str]:
@@ -207,13 +227,48 @@ class Learner(DistributedWorker):
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
     def parameter_checksum(self) -> float:
-        """Sum of all full parameters (float64): a cheap fingerprint to compare copies of a model."""
+        """Fingerprint of the full parameters, comparable with a generator's `weights_checksum` (rank 0)."""
         from rlhf_ray.distributed.deepspeed_setup import iter_full_parameters
+        from rlhf_ray.distributed.weight_sync import checksum
 
-        total = 0.0
-        for _, tensor in iter_full_parameters(self.engine.module, self.cfg.zero_stage, self.rank):
-            total += float(tensor.double().sum())
-        return total
+        return checksum(iter_full_parameters(self.engine.module, self.cfg.zero_stage, self.rank))
+
+    # -- weight sync to the generators (rank 0 sends) ---------------------------------------------------------
+    def weight_plan(self, bucket_bytes: int) -> list:
+        """The buckets of `TensorMeta` that `broadcast_weights` will send, in parameter order."""
+        from rlhf_ray.distributed.weight_sync import TensorMeta, plan_buckets
+
+        metas = [TensorMeta(name, str(p.dtype).removeprefix("torch."), tuple(getattr(p, "ds_shape", p.shape)))
+                 for name, p in self.engine.module.named_parameters()]
+        return plan_buckets(metas, bucket_bytes)
+
+    def init_weight_sync(self, master_addr: str, master_port: int, world_size: int) -> None:
+        """Rank 0 joins the broadcast group with every generator worker (it is rank 0 there too)."""
+        from rlhf_ray.distributed.weight_sync import create_sync_group
+
+        if self.rank == 0:
+            self.sync_group = create_sync_group(master_addr, master_port, 0, world_size,
+                                                "nccl" if self.device == "cuda" else "gloo")
+
+    def broadcast_weights(self, plan: list) -> int:
+        """Send the full parameters bucket by bucket (every rank iterates: ZeRO-3 gathers are collective)."""
+        from rlhf_ray.distributed.deepspeed_setup import iter_full_parameters
+        from rlhf_ray.distributed.weight_sync import group_by_plan, send_weights
+
+        params = iter_full_parameters(self.engine.module, self.cfg.zero_stage, self.rank)
+        if self.rank != 0:
+            for _ in params:
+                pass
+            return 0
+        return send_weights(self.sync_group, group_by_plan(params, plan), device=self.engine.device)
+
+    def weights_bytes(self) -> Optional[bytes]:
+        """Safetensors bytes of the full parameters on rank 0 (object-store transport); None elsewhere."""
+        from rlhf_ray.distributed.deepspeed_setup import iter_full_parameters
+        from rlhf_ray.distributed.weight_sync import weights_to_bytes
+
+        named = list(iter_full_parameters(self.engine.module, self.cfg.zero_stage, self.rank))
+        return weights_to_bytes(named) if self.rank == 0 else None
 
 
 class LearnerGroup:
@@ -235,8 +290,18 @@ class LearnerGroup:
     def num_ranks(self) -> int:
         return len(self.group)
 
-    def train_step(self, table: ray.ObjectRef, shards: Sequence[Sequence[int]]) -> dict[str, float]:
-        return self.group.get(lambda a, r: a.train_step.remote(table, list(shards[r])))[0]
+    def train_step(self, table: ray.ObjectRef, shards: Sequence[Sequence[int]], **loss_kwargs: Any) -> dict[str, float]:
+        return self.group.get(lambda a, r: a.train_step.remote(table, list(shards[r]), **loss_kwargs))[0]
+
+    def response_logprobs(self, table: ray.ObjectRef, num_rows: int) -> list[ray.ObjectRef]:
+        """Per rank, a ref to a (row, values) table of policy logprobs; rows sharded, nothing fetched here."""
+        shards, num_batches = self._eval_shards(list(range(num_rows)))
+        return self.group.map(lambda a, r: a.response_logprobs.remote(table, shards[r], num_batches))
+
+    def response_values(self, table: ray.ObjectRef, num_rows: int) -> list[ray.ObjectRef]:
+        """Per rank, a ref to a (row, values) table of critic values."""
+        shards, num_batches = self._eval_shards(list(range(num_rows)))
+        return self.group.map(lambda a, r: a.response_values.remote(table, shards[r], num_batches))
 
     def evaluate(self, table: ray.ObjectRef, rows: Sequence[int]) -> dict[str, float]:
         shards, num_batches = self._eval_shards(rows)

@@ -15,8 +15,9 @@ import torch
 from rlhf_ray.algorithms.losses import (bradley_terry_loss, plackett_luce_loss, ranking_pairs, rating_loss,
                                         sft_loss)
 from rlhf_ray.config import ModelConfig
-from rlhf_ray.data.collate import PreferenceBatch, TokenBatch, collate_preferences, collate_sft
-from rlhf_ray.models.loading import load_causal_lm, load_reward_model
+from rlhf_ray.data.collate import (PreferenceBatch, RLBatch, TokenBatch, collate_preferences, collate_rl,
+                                   collate_sft)
+from rlhf_ray.models.loading import load_causal_lm, load_reward_model, load_value_model
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class SFTObjective:
     def num_tokens(self, batch: TokenBatch) -> int:
         return int(batch.attention_mask.sum().item())
 
-    def loss(self, model: torch.nn.Module, batch: TokenBatch) -> LossOutput:
+    def loss(self, model: torch.nn.Module, batch: TokenBatch, **_: Any) -> LossOutput:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         loss_sum, count = sft_loss(logits, batch.input_ids, batch.loss_mask)
         return LossOutput(loss_sum, count, {})
@@ -92,7 +93,7 @@ class RewardObjective:
         flat = self.rewards(model, batch).tolist()
         return [flat[batch.offsets[i]:batch.offsets[i + 1]] for i in range(len(batch.kinds))]
 
-    def loss(self, model: torch.nn.Module, batch: PreferenceBatch) -> LossOutput:
+    def loss(self, model: torch.nn.Module, batch: PreferenceBatch, **_: Any) -> LossOutput:
         rewards = self.rewards(model, batch)
         total = rewards.sum() * 0.0  # keeps the graph (and ZeRO-3 hooks) alive for a row-less dummy batch
         correct = torch.zeros((), device=rewards.device)
@@ -116,7 +117,110 @@ class RewardObjective:
         return LossOutput(total, count, {"accuracy": correct.detach()})
 
 
-OBJECTIVES: dict[str, type] = {"sft": SFTObjective, "reward": RewardObjective}
+def response_logprobs_and_logits(model: torch.nn.Module, batch: RLBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, T] log-probabilities of the response tokens, [B, L, V] logits) for an RLBatch."""
+    from rlhf_ray.algorithms.losses import next_token_logprobs
+
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return next_token_logprobs(logits, batch.input_ids).gather(1, batch.response_index), logits
+
+
+class PolicyObjective:
+    """PPO-style clipped policy loss on experience rows, with optional entropy bonus and KL-in-loss.
+
+    The advantage estimator (gae, grpo, rloo, reinforce++) only changes the `advantages` column; the loss is
+    the same clipped surrogate for all (with one epoch and no stale data the ratio is 1 and it reduces to
+    the plain policy gradient).
+    """
+
+    FIELDS = ("old_logprobs", "advantages", "ref_logprobs")
+
+    def __init__(self, clip_eps: float = 0.2, dual_clip: float | None = None, aggregation: str = "token",
+                 entropy_coef: float = 0.0, kl_in_loss: bool = False, kl_estimator: str = "k1"):
+        self.clip_eps, self.dual_clip, self.aggregation = clip_eps, dual_clip, aggregation
+        self.entropy_coef, self.kl_in_loss, self.kl_estimator = entropy_coef, kl_in_loss, kl_estimator
+
+    def load_model(self, cfg: ModelConfig, dtype: torch.dtype, tokenizer: Any) -> torch.nn.Module:
+        return load_causal_lm(cfg, dtype)
+
+    def micro_batch(self, table: pa.Table, rows: Sequence[int], pad_id: int) -> RLBatch:
+        return collate_rl(table, rows, pad_id, self.FIELDS)
+
+    def count(self, batch: RLBatch) -> int:
+        if self.aggregation == "sequence":
+            return int((batch.mask.sum(-1) > 0).sum().item())
+        return int(batch.mask.sum().item())
+
+    def num_tokens(self, batch: RLBatch) -> int:
+        return int(batch.attention_mask.sum().item())
+
+    def loss(self, model: torch.nn.Module, batch: RLBatch, kl_coef: float = 0.0) -> LossOutput:
+        from rlhf_ray.algorithms.policy_loss import aggregate, entropy_from_logits, kl_penalty_loss, ppo_policy_loss
+
+        logprobs, logits = response_logprobs_and_logits(model, batch)
+        f = batch.fields
+        out = ppo_policy_loss(logprobs, f["old_logprobs"], f["advantages"], batch.mask, self.clip_eps,
+                              self.dual_clip, self.aggregation)
+        total = out.loss_sum
+        entropy = entropy_from_logits(logits[:, :-1].detach() if self.entropy_coef == 0 else logits[:, :-1])
+        entropy_sum, _ = aggregate(entropy.gather(1, batch.response_index), batch.mask, self.aggregation)
+        if self.entropy_coef:
+            total = total - self.entropy_coef * entropy_sum
+        stats = {"clip_fraction": out.clip_fraction_sum.detach(), "approx_kl": out.approx_kl_sum.detach(),
+                 "entropy": entropy_sum.detach(), "policy_loss": out.loss_sum.detach()}
+        if self.kl_in_loss:
+            kl_sum, _ = kl_penalty_loss(logprobs, f["ref_logprobs"], batch.mask, self.kl_estimator)
+            total = total + kl_coef * kl_sum
+            stats["kl_loss"] = kl_sum.detach()
+        return LossOutput(total, torch.tensor(float(self.count(batch))), stats)
+
+    def logprobs(self, model: torch.nn.Module, batch: RLBatch) -> list[list[float]]:
+        logprobs, _ = response_logprobs_and_logits(model, batch)
+        lengths = batch.mask.sum(-1).long().tolist()
+        return [row[:n] for row, n in zip(logprobs.float().cpu().tolist(), lengths)]
+
+
+class ValueObjective:
+    """The critic: per-token values V(s_t) of the response tokens, clipped value loss against GAE returns."""
+
+    FIELDS = ("values", "returns")
+
+    def __init__(self, value_clip: float | None = 0.2):
+        self.value_clip = value_clip
+
+    def load_model(self, cfg: ModelConfig, dtype: torch.dtype, tokenizer: Any) -> torch.nn.Module:
+        return load_value_model(cfg, dtype)
+
+    def micro_batch(self, table: pa.Table, rows: Sequence[int], pad_id: int) -> RLBatch:
+        return collate_rl(table, rows, pad_id, self.FIELDS if "returns" in table.column_names else ())
+
+    def count(self, batch: RLBatch) -> int:
+        return int(batch.mask.sum().item())
+
+    def num_tokens(self, batch: RLBatch) -> int:
+        return int(batch.attention_mask.sum().item())
+
+    def predict(self, model: torch.nn.Module, batch: RLBatch) -> torch.Tensor:
+        """[B, T] value of the state before each response token."""
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[..., 0].float()
+        return out.gather(1, batch.response_index)
+
+    def loss(self, model: torch.nn.Module, batch: RLBatch, **_: Any) -> LossOutput:
+        from rlhf_ray.algorithms.policy_loss import value_loss
+
+        values = self.predict(model, batch)
+        loss_sum, count = value_loss(values, batch.fields["values"], batch.fields["returns"], batch.mask,
+                                     self.value_clip)
+        return LossOutput(loss_sum, count, {"value_loss": loss_sum.detach()})
+
+    def values(self, model: torch.nn.Module, batch: RLBatch) -> list[list[float]]:
+        values = self.predict(model, batch)
+        lengths = batch.mask.sum(-1).long().tolist()
+        return [row[:n] for row, n in zip(values.cpu().tolist(), lengths)]
+
+
+OBJECTIVES: dict[str, type] = {"sft": SFTObjective, "reward": RewardObjective, "policy": PolicyObjective,
+                               "value": ValueObjective}
 
 
 def make_objective(name: str, **options: Any) -> Objective:

@@ -1,0 +1,167 @@
+"""RL training losses: PPO's clipped policy surrogate, the clipped value loss, the KL-in-loss penalty.
+
+As in `losses.py`, each returns a *sum* and a *count*, never a mean: the learner divides by the count of the
+whole global batch (all ranks, all micro-batches), so the gradient is the same however the batch is split.
+
+How the policy loss is normalised is a choice, a table (`AGGREGATIONS`):
+
+| aggregation | loss_sum                                        | count                | weighs                     |
+|-------------|-------------------------------------------------|----------------------|----------------------------|
+| token       | Σ over every real token                         | real tokens          | each token equally (DAPO)  |
+| sequence    | Σ over responses of the response's token mean  | non-empty responses  | each response equally      |
+|             |                                                 |                      | (GRPO, Shao et al. 2024)   |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rlhf_ray.algorithms.kl import kl_estimate
+from rlhf_ray.algorithms.masked import masked_count, masked_sum, zero_padding
+
+
+def _token_aggregate(per_token: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    return masked_sum(per_token, mask), masked_count(mask)
+
+
+def _sequence_aggregate(per_token: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    lengths = masked_count(mask, dim=1)  # [B]
+    sums = masked_sum(per_token, mask, dim=1)
+    # An empty response has no token mean: it adds 0 and is not counted.
+    means = torch.where(lengths > 0, sums / lengths.clamp(min=1).to(sums.dtype), torch.zeros_like(sums))
+    return means.sum(), (lengths > 0).to(torch.float32).sum()
+
+
+AGGREGATIONS: dict[str, Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = {
+    "token": _token_aggregate,
+    "sequence": _sequence_aggregate,
+}
+
+
+def aggregate(per_token: Tensor, mask: Tensor, aggregation: str) -> tuple[Tensor, Tensor]:
+    """Reduce a [B, T] per-token loss to (loss_sum, count) by the module table's `aggregation`."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+    return AGGREGATIONS[aggregation](per_token, mask)
+
+
+class PolicyLossOutput(NamedTuple):
+    """Sums and their normalisers; divide each sum by its count totalled over the global batch.
+
+    loss_sum: scalar, normalised by `count` (tokens or responses, by the aggregation).
+    count: scalar float32.
+    clip_fraction_sum: scalar, number of real tokens whose clipped term was the active one (no gradient);
+        normalised by `token_count`.
+    approx_kl_sum: scalar, Σ over real tokens of the k3 estimate of KL(π_old || π_θ); normalised by
+        `token_count`.
+    token_count: scalar float32, the number of real tokens (equal to `count` for token aggregation).
+    """
+
+    loss_sum: Tensor
+    count: Tensor
+    clip_fraction_sum: Tensor
+    approx_kl_sum: Tensor
+    token_count: Tensor
+
+
+def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float,
+                    dual_clip: float | None = None, aggregation: str = "token") -> PolicyLossOutput:
+    """PPO clipped surrogate (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", Eq. 7), as a
+    loss to minimise, per token, with `ρ = exp(log π_θ - log π_old)`:
+
+        L = max(-A ρ, -A clip(ρ, 1 - ε, 1 + ε))
+
+    Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL", Eq. 5): for A < 0 the
+    loss above grows without bound in ρ, so it is capped at `dual_clip · (-A)`, dual_clip > 1:
+
+        L = min(L, -dual_clip · A)   where A < 0
+
+    Args:
+        logprobs: [B, T] log π_θ(token), with gradient.
+        old_logprobs: [B, T] log π_old(token), the policy that produced the rollouts.
+        advantages: [B, T].
+        mask: [B, T] 1 on real response tokens.
+        clip_eps: ε.
+        dual_clip: the cap c > 1, or None for plain PPO.
+        aggregation: "token" | "sequence" (module table).
+    Returns:
+        PolicyLossOutput (sums and counts).
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (it caps the loss at c·|A| for A < 0), got {dual_clip}")
+    log_ratio = zero_padding(logprobs, mask) - zero_padding(old_logprobs.to(logprobs.dtype), mask)
+    advantages = zero_padding(advantages.to(log_ratio.dtype), mask)
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    loss = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        loss = torch.where(advantages < 0, torch.minimum(loss, -dual_clip * advantages), loss)
+    loss_sum, count = aggregate(loss, mask, aggregation)
+    with torch.no_grad():
+        clip_fraction_sum = masked_count(mask * (clipped > unclipped))
+        approx_kl_sum = masked_sum(kl_estimate(old_logprobs.detach(), logprobs.detach(), "k3"), mask)
+    return PolicyLossOutput(loss_sum, count, clip_fraction_sum, approx_kl_sum, masked_count(mask))
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+               clip_eps: float | None = None) -> tuple[Tensor, Tensor]:
+    """Clipped value loss (the PPO2 baselines form; Schulman et al. 2017 implementation):
+
+        L = ½ max((V - R)², (V_old + clip(V - V_old, -ε, ε) - R)²)
+
+    or `½ (V - R)²` when clip_eps is None.
+
+    Args:
+        values: [B, T] V_φ(s_t), with gradient.
+        old_values: [B, T] the critic's values when the rollouts were scored.
+        returns: [B, T] regression targets R (e.g. GAE's A + V).
+        mask: [B, T].
+        clip_eps: ε, or None for no clipping.
+    Returns:
+        (loss_sum over real tokens, token count).
+    """
+    values = zero_padding(values, mask)
+    old_values = zero_padding(old_values.to(values.dtype), mask)
+    returns = zero_padding(returns.to(values.dtype), mask)
+    loss = (values - returns) ** 2
+    if clip_eps is not None:
+        clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+        loss = torch.maximum(loss, (clipped - returns) ** 2)
+    return masked_sum(0.5 * loss, mask), masked_count(mask)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the softmax distribution at every position, `H = logsumexp(z) - Σ_v softmax(z)_v z_v`,
+    in float32. Logits of -inf (banned tokens) have probability 0 and add nothing.
+
+    Args:
+        logits: [B, T, V].
+    Returns:
+        [B, T] entropies (nats).
+    """
+    logits = logits.float()
+    finite = torch.where(torch.isneginf(logits), torch.zeros((), device=logits.device), logits)
+    return torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * finite).sum(dim=-1)
+
+
+def kl_penalty_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: str) -> tuple[Tensor, Tensor]:
+    """KL to the reference policy as a loss term (GRPO's way, Shao et al. 2024, Eq. 3, there with k3),
+    instead of a penalty inside the reward: Σ over real tokens of `kl_estimate(logprobs, ref_logprobs)`.
+
+    Args:
+        logprobs: [B, T] log π_θ, with gradient.
+        ref_logprobs: [B, T] log π_ref.
+        mask: [B, T].
+        estimator: "k1" | "k2" | "k3".
+    Returns:
+        (kl_sum over real tokens, token count).
+    """
+    log_p = zero_padding(logprobs, mask)
+    log_ref = zero_padding(ref_logprobs.to(log_p.dtype), mask)
+    return masked_sum(kl_estimate(log_p, log_ref, estimator), mask), masked_count(mask)

@@ -1,0 +1,72 @@
+"""The Arrow tables that travel between RLHF roles: prompts, rollouts, scores, experience.
+
+One row per sample; per-token values are list columns, so ragged responses need no padding in transit, the
+object store hands them to every consumer zero-copy, and any step's table can be written to Parquet as is.
+Each producer puts its table into the object store once; consumers build tensors themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import pyarrow as pa
+import torch
+
+from rlhf_ray.data.collate import pad_sequences
+
+PROMPT_SCHEMA = pa.schema([
+    ("prompt_ids", pa.list_(pa.int32())),     # chat-rendered prompt with the generation prompt
+    ("prompt_text", pa.string()),
+    ("metadata", pa.string()),                # JSON: the row's other fields (task, input, reference, ...)
+])
+
+ROLLOUT_SCHEMA = pa.schema([
+    ("prompt_index", pa.int64()),             # row of the prompt table
+    ("sample_index", pa.int32()),             # 0..n-1 among the samples of that prompt
+    ("group", pa.int64()),                    # responses to the same prompt in this step share it
+    ("prompt_ids", pa.list_(pa.int32())),
+    ("response_ids", pa.list_(pa.int32())),   # [T_i] generated tokens, eos included when generated
+    ("rollout_logprobs", pa.list_(pa.float32())),  # [T_i] log p of each token under the generator's weights
+    ("finish_reason", pa.string()),           # "stop" | "length"
+    ("prompt_text", pa.string()),
+    ("response_text", pa.string()),
+    ("metadata", pa.string()),
+])
+
+# Columns that scorers add, each aligned with the rollout rows.
+REFERENCE_SCHEMA = pa.schema([("ref_logprobs", pa.list_(pa.float32()))])     # [T_i]
+REWARD_SCHEMA = pa.schema([("score", pa.float32())])                          # sequence score (normalised)
+VALUE_SCHEMA = pa.schema([("values", pa.list_(pa.float32()))])               # [T_i] critic values
+
+# What the learners train on: rollouts + scores + advantages.
+EXPERIENCE_SCHEMA = pa.schema([
+    ("prompt_ids", pa.list_(pa.int32())),
+    ("response_ids", pa.list_(pa.int32())),
+    ("rollout_logprobs", pa.list_(pa.float32())),
+    ("old_logprobs", pa.list_(pa.float32())),  # the learner's own, before this step's updates (PPO's pi_old)
+    ("ref_logprobs", pa.list_(pa.float32())),
+    ("values", pa.list_(pa.float32())),       # [] when there is no critic
+    ("advantages", pa.list_(pa.float32())),
+    ("returns", pa.list_(pa.float32())),      # [] when there is no critic
+    ("score", pa.float32()),
+    ("group", pa.int64()),
+])
+
+
+def empty_table(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
+
+
+def response_tensor(column: Sequence[Sequence[float]], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A ragged list column as a right-padded [B, T_max] tensor (0 in the padding)."""
+    return pad_sequences(column, 0, dtype=dtype)
+
+
+def response_mask(response_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """[B, T_max] float mask, 1 on each response's real tokens."""
+    return pad_sequences([[1] * len(r) for r in response_ids], 0, dtype=torch.float32)
+
+
+def concat(tables: Sequence[pa.Table]) -> pa.Table:
+    """Concatenate the shard tables of several actors (row order kept)."""
+    return pa.concat_tables(list(tables)) if tables else pa.table({})

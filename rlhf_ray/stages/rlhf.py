@@ -1,0 +1,222 @@
+"""RLHF: the single controller. Per step:
+
+    rollouts   = generators.generate(prompts)                      vLLM engines, n samples per prompt
+    ref, score = reference.logprobs(rollouts), reward.score(...)   in parallel, with the policy's own
+    old, value = learners.logprobs(rollouts), critic.values(...)   logprobs and (PPO) the critic's values
+    experience = make_experience(...)                              KL, token rewards, advantages (a Ray task)
+    learners.train_step(experience), critic.train_step(...)        ppo_epochs x num_minibatches updates
+    sync(learners -> generators)                                   broadcast (or object store)
+
+Every batch is an ObjectRef to an Arrow table made by the role that produced it; the driver holds refs, row
+indices and the step's small statistics, never a batch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import ray
+from tqdm.auto import tqdm
+
+from rlhf_ray.algorithms.kl import make_kl_controller
+from rlhf_ray.config import RLHFConfig
+from rlhf_ray.data.prompts import load_prompts
+from rlhf_ray.distributed.runtime import ray_session
+from rlhf_ray.models.loading import load_tokenizer
+from rlhf_ray.rewards import load_reward_function
+from rlhf_ray.rollout.experience import ExperienceParams
+from rlhf_ray.stages.common import MetricsLogger, PhaseTimer, RunDir, StepSampler, read_trainer_state
+from rlhf_ray.stages.rlhf_roles import Roles, needed_cpus
+from rlhf_ray.stages.rlhf_tasks import concat_tables, make_experience, summarize_eval
+from rlhf_ray.stages.supervised import StageResult
+
+
+def run_rlhf(cfg: RLHFConfig) -> StageResult:
+    tokenizer = load_tokenizer(cfg.policy)
+    for fn in cfg.reward.functions:  # fail on a bad import path before any actor starts
+        load_reward_function(fn.path)
+    prompts, stats = load_prompts(cfg.data.train, tokenizer, cfg.data.max_prompt_length, cfg.data.skip_invalid,
+                                  cfg.data.split)
+    if cfg.data.eval:
+        eval_prompts, _ = load_prompts(cfg.data.eval, tokenizer, cfg.data.max_prompt_length,
+                                       cfg.data.skip_invalid, cfg.data.split, limit=cfg.data.max_eval_prompts)
+    else:
+        eval_prompts = prompts.slice(0, cfg.data.max_eval_prompts)
+    tqdm.write(f"[rlhf] prompts: {json.dumps(stats)}; eval prompts: {eval_prompts.num_rows}")
+    run_dir = RunDir(cfg.run.output_dir, cfg.run.name)
+    resume_from = run_dir.prepare(cfg, cfg.run.resume)
+    with ray_session(cfg.run.ray_address, max(cfg.run.num_cpus or 0, needed_cpus(cfg)) or None):
+        roles = Roles.create(cfg)
+        try:
+            loop = RLHFLoop(cfg, roles, ray.put(prompts), prompts.num_rows, ray.put(eval_prompts),
+                            eval_prompts.num_rows, run_dir)
+            return loop.run(resume_from)
+        finally:
+            roles.shutdown()
+
+
+class RLHFLoop:
+    def __init__(self, cfg: RLHFConfig, roles: Roles, prompts_ref: ray.ObjectRef, num_prompts: int,
+                 eval_ref: ray.ObjectRef, num_eval: int, run_dir: RunDir):
+        self.cfg, self.roles, self.run_dir = cfg, roles, run_dir
+        self.prompts_ref, self.eval_ref, self.num_eval = prompts_ref, eval_ref, num_eval
+        algo = cfg.algorithm
+        self.sampler = StepSampler(num_prompts, algo.prompts_per_step, 1, cfg.run.seed)
+        self.kl = make_kl_controller(algo.kl_controller, algo.kl_coef, algo.kl_target, algo.kl_horizon)
+        self.logger = MetricsLogger(run_dir.path)
+        self.timer = PhaseTimer()
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def run(self, resume_from: Optional[Path]) -> StageResult:
+        cfg = self.cfg
+        start = 0
+        try:
+            if resume_from is not None:
+                start = self.restore(resume_from)
+            elif cfg.eval.at_start:
+                self.evaluate(0)
+            bar = tqdm(total=cfg.run.max_steps, initial=start, desc="rlhf", unit="step", dynamic_ncols=True)
+            step = start
+            try:
+                while step < cfg.run.max_steps:
+                    metrics = self.step(step)
+                    step += 1
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.3f}")
+                    if step % cfg.run.log_every == 0 or step == cfg.run.max_steps:
+                        self.logger.log(step, metrics)
+                    if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.max_steps:
+                        self.evaluate(step)
+                    if cfg.run.save_every and step % cfg.run.save_every == 0 and step < cfg.run.max_steps:
+                        self.checkpoint(step)
+            except KeyboardInterrupt:
+                tqdm.write(f"[rlhf] interrupted: checkpointing step {step}; run.resume=auto continues")
+                self.checkpoint(step)
+                raise
+            finally:
+                bar.close()
+            self.checkpoint(step)
+            final = self.evaluate(step)
+            model_dir = Path(self.roles.learners.save_model(self.run_dir.model))
+            if self.roles.critic is not None:
+                self.roles.critic.save_model(self.run_dir.path / "critic")
+            tqdm.write(f"[rlhf] policy saved to {model_dir}")
+            return StageResult(self.run_dir.path, model_dir, final)
+        finally:
+            self.logger.close()
+
+    def step(self, step: int) -> dict[str, Any]:
+        cfg, roles, timer = self.cfg, self.roles, self.timer
+        began = time.perf_counter()
+        rows = self.sampler.shards(step)[0]
+        with timer.phase("generate"):
+            parts = roles.generators.generate(self.prompts_ref, rows, cfg.generator.samples_per_prompt,
+                                              cfg.generator.temperature, cfg.generator.top_p,
+                                              cfg.generator.max_new_tokens, seed=_step_seed(cfg.run.seed, step))
+            rollouts = concat_tables.remote(*parts)
+            ray.wait([rollouts], fetch_local=False)
+        n = len(rows) * cfg.generator.samples_per_prompt
+        with timer.phase("score"):
+            scored = roles.score(rollouts, n)
+            pending = [r for refs in scored if refs for r in refs]
+            ray.wait(pending, num_returns=len(pending), fetch_local=False)
+        with timer.phase("advantages"):
+            path = self._rollout_path(step)
+            experience, stats_ref = make_experience.options(num_returns=2).remote(
+                rollouts, *scored, params=self._params(), rollout_path=path)
+            stats = ray.get(stats_ref)
+        with timer.phase("train"):
+            stats.update(self.train(experience, n, step))
+        with timer.phase("sync"):
+            stats.update(roles.sync.sync())
+        self.kl.update(stats["kl"], n)
+        seconds = time.perf_counter() - began
+        times = timer.pop()
+        stats.update(times, kl_coef=self.kl.value, step_time=seconds,
+                     generate_tokens_per_s=stats["response_length"] * n / times["time/generate"])
+        return stats
+
+    def train(self, experience: ray.ObjectRef, n: int, step: int) -> dict[str, float]:
+        """ppo_epochs passes, each num_minibatches optimizer steps over a seeded shuffle of the rollouts."""
+        algo, roles = self.cfg.algorithm, self.roles
+        sums: dict[str, float] = {}
+        updates = 0
+        for epoch in range(algo.ppo_epochs):
+            order = np.random.default_rng([self.cfg.run.seed, step, epoch]).permutation(n).tolist()
+            size = n // algo.num_minibatches
+            for mb in range(algo.num_minibatches):
+                chunk = order[mb * size:(mb + 1) * size]
+                metrics = roles.learners.train_step(experience, _split(chunk, roles.learners.num_ranks),
+                                                    kl_coef=self.kl.value)
+                if roles.critic is not None:
+                    critic = roles.critic.train_step(experience, _split(chunk, roles.critic.num_ranks))
+                    metrics["value_loss"] = critic["loss"]
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                updates += 1
+        out = {f"policy/{k}": v / updates for k, v in sums.items() if k not in ("value_loss", "tokens")}
+        if "value_loss" in sums:
+            out["value_loss"] = sums["value_loss"] / updates
+        out["train_tokens_per_s"] = sums.get("tokens", 0.0) / max(self.timer.seconds.get("train", 1e-9), 1e-9)
+        return out
+
+    # -- evaluation, checkpoints ----------------------------------------------------------------------------
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """Greedy answers to held-out prompts: reward, task-checker accuracy, KL to the reference, length."""
+        roles = self.roles
+        rows = list(range(self.num_eval))
+        parts = roles.generators.generate(self.eval_ref, rows, 1, 0.0, 1.0, self.cfg.generator.max_new_tokens,
+                                          seed=self.cfg.run.seed)
+        rollouts = concat_tables.remote(*parts)
+        ref_parts, reward_parts, _, _ = roles.score(rollouts, len(rows), policy=False)
+        metrics, samples = ray.get(summarize_eval.remote(rollouts, ref_parts, reward_parts,
+                                                          self.cfg.algorithm.kl_estimator, self.cfg.eval.num_print))
+        for prompt, response, score in samples:
+            tqdm.write(f"  [step {step}] {prompt!r:44.44} -> {response!r} (score {score:+.3f})")
+        self.logger.log(step, metrics, prefix="eval")
+        tqdm.write(f"[rlhf] eval @ step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    def checkpoint(self, step: int) -> None:
+        staging = self.run_dir.staging_path(step)
+        self.roles.learners.save_checkpoint(staging / "policy")
+        if self.roles.critic is not None:
+            self.roles.critic.save_checkpoint(staging / "critic")
+        state = {"step": step, "stage": "rlhf", "kl_controller": self.kl.state_dict()}
+        final = self.run_dir.commit_checkpoint(staging, step, state, self.cfg.run.keep_checkpoints)
+        tqdm.write(f"[rlhf] checkpoint {final}")
+
+    def restore(self, checkpoint: Path) -> int:
+        state = read_trainer_state(checkpoint)
+        self.roles.learners.load_checkpoint(checkpoint / "policy")
+        if self.roles.critic is not None:
+            self.roles.critic.load_checkpoint(checkpoint / "critic")
+        self.kl.load_state_dict(state["kl_controller"])
+        self.roles.sync.sync()  # the generators started from policy.path: give them the restored weights
+        tqdm.write(f"[rlhf] resumed from {checkpoint} at step {state['step']}")
+        return int(state["step"])
+
+    def _params(self) -> ExperienceParams:
+        algo = self.cfg.algorithm
+        return ExperienceParams(advantage=algo.advantage, kl_coef=self.kl.value, kl_estimator=algo.kl_estimator,
+                                kl_in_reward=algo.kl_in == "reward", gamma=algo.gamma, lam=algo.lam,
+                                whiten_advantages=algo.whiten_advantages)
+
+    def _rollout_path(self, step: int) -> Optional[str]:
+        every = self.cfg.run.save_rollouts_every
+        if every and (step + 1) % every == 0:
+            return str(self.run_dir.path / "rollouts" / f"step_{step + 1:08d}.parquet")
+        return None
+
+
+def _split(rows: list[int], parts: int) -> list[list[int]]:
+    size = len(rows) // parts
+    return [rows[i * size:(i + 1) * size] for i in range(parts)]
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return int(np.random.default_rng([seed, step, 7]).integers(0, 2**31 - 1))

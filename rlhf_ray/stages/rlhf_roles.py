@@ -1,0 +1,115 @@
+"""The RLHF roles of one run, created from the config through placement groups, and how they score."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+import ray
+
+from rlhf_ray.algorithms.advantages import needs_critic
+from rlhf_ray.config import ModelConfig, RLHFConfig
+from rlhf_ray.distributed.runtime import cluster_device, worker_env_vars
+from rlhf_ray.distributed.weight_transfer import WeightSync
+from ray.util.placement_group import remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlhf_ray.distributed.worker_group import GroupSpec, reserve
+from rlhf_ray.roles.generator import GeneratorGroup
+from rlhf_ray.roles.learner import LearnerGroup
+from rlhf_ray.roles.scorers import ReferenceActor, RewardActor
+
+
+def needed_cpus(cfg: RLHFConfig) -> int:
+    """Logical CPUs the roles reserve (a local instance gets at least this many; on CPU they time-share)."""
+    total = cfg.learner.num_ranks * cfg.learner.cpus_per_rank
+    total += cfg.generator.num_engines * cfg.generator.cpus_per_engine
+    total += cfg.reference.num_actors * cfg.reference.cpus_per_actor
+    total += cfg.reward.num_actors * cfg.reward.cpus_per_actor
+    if needs_critic(cfg.algorithm.advantage):
+        total += cfg.critic.learner.num_ranks * cfg.critic.learner.cpus_per_rank
+    return max(int(math.ceil(total)), os.cpu_count() or 1)
+
+
+def _rl_learner(cfg: RLHFConfig, learner):
+    per_rank = cfg.rollouts_per_minibatch_per_rank(learner)
+    if per_rank is None or per_rank % learner.micro_batch_size:
+        raise ValueError(f"{cfg.rollouts_per_step} rollouts per step do not split into "
+                         f"{cfg.algorithm.num_minibatches} minibatches x {learner.num_ranks} ranks x "
+                         f"micro-batches of {learner.micro_batch_size}")
+    return replace(learner, grad_accum=per_rank // learner.micro_batch_size)
+
+
+def _actors(cls: type, name: str, count: int, cpus: float, gpus: float, device: str, *args: Any) -> tuple[Any, list]:
+    """(placement group, actors): `count` actors of `cls`, one bundle each."""
+    spec = GroupSpec(name=name, num_workers=count, cpus_per_worker=cpus,
+                     gpus_per_worker=gpus if device == "cuda" else 0.0)
+    pg = reserve(spec)
+    remote = ray.remote(cls)
+    return pg, [remote.options(num_cpus=cpus, num_gpus=spec.gpus_per_worker,
+                           scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+                           runtime_env={"env_vars": worker_env_vars(device)}).remote(*args) for i in range(count)]
+
+
+@dataclass
+class Roles:
+    generators: GeneratorGroup
+    reference: list
+    reward: list
+    learners: LearnerGroup
+    critic: Optional[LearnerGroup]
+    sync: WeightSync
+    placement_groups: list
+
+    @classmethod
+    def create(cls, cfg: RLHFConfig) -> "Roles":
+        device = cluster_device(cfg.learner.device)
+        algo = cfg.algorithm
+        updates = cfg.run.max_steps * algo.ppo_epochs * algo.num_minibatches
+        env = {"env_vars": worker_env_vars(device)}
+        policy_opts = {"clip_eps": algo.clip_eps, "dual_clip": algo.dual_clip, "aggregation": algo.loss_aggregation,
+                       "entropy_coef": algo.entropy_coef, "kl_in_loss": algo.kl_in == "loss",
+                       "kl_estimator": algo.kl_estimator}
+        learners = LearnerGroup(cfg.policy, _rl_learner(cfg, cfg.learner), "policy", updates, cfg.run.seed, device,
+                                runtime_env=env, name="policy-learner", objective_options=policy_opts)
+        critic = None
+        if needs_critic(algo.advantage):
+            critic_model = ModelConfig(path=cfg.critic.path or cfg.reward.model or cfg.policy.path,
+                                       tokenizer=cfg.policy.tokenizer or cfg.policy.path, dtype=cfg.policy.dtype,
+                                       trust_remote_code=cfg.policy.trust_remote_code)
+            critic = LearnerGroup(critic_model, _rl_learner(cfg, cfg.critic.learner), "value", updates,
+                                  cfg.run.seed, device, runtime_env=env, name="critic",
+                                  objective_options={"value_clip": algo.value_clip})
+        generators = GeneratorGroup(cfg.policy.path, cfg.generator, cfg.run.seed, device)
+        ref_model = replace(cfg.policy, path=cfg.reference.path or cfg.policy.path, gradient_checkpointing=False)
+        ref_pg, reference = _actors(ReferenceActor, "reference", cfg.reference.num_actors, cfg.reference.cpus_per_actor,
+                            cfg.reference.gpus_per_actor, device, ref_model, cfg.reference.micro_batch_size, device)
+        reward_pg, reward = _actors(RewardActor, "reward", cfg.reward.num_actors, cfg.reward.cpus_per_actor,
+                         cfg.reward.gpus_per_actor, device, cfg.reward, cfg.policy.tokenizer or cfg.policy.path,
+                         device)
+        sync = WeightSync(cfg.sync, learners, generators)
+        return cls(generators, reference, reward, learners, critic, sync, [ref_pg, reward_pg])
+
+    def score(self, rollouts: ray.ObjectRef, n: int, policy: bool = True) -> tuple[list, list, list, Optional[list]]:
+        """Start every scorer on `rollouts` at once; returns refs (reference, reward, policy logprobs, values)."""
+        ref = [a.logprobs.remote(rollouts, rows) for a, rows in zip(self.reference, _shard(n, len(self.reference)))]
+        reward = [a.score.remote(rollouts, rows) for a, rows in zip(self.reward, _shard(n, len(self.reward)))]
+        old = self.learners.response_logprobs(rollouts, n) if policy else []
+        values = self.critic.response_values(rollouts, n) if policy and self.critic is not None else None
+        return ref, reward, old, values
+
+    def shutdown(self) -> None:
+        for actor in self.reference + self.reward:
+            ray.kill(actor)
+        for pg in self.placement_groups:
+            remove_placement_group(pg)
+        self.generators.shutdown()
+        self.learners.shutdown()
+        if self.critic is not None:
+            self.critic.shutdown()
+
+
+def _shard(n: int, parts: int) -> list[list[int]]:
+    return [list(range(i, n, parts)) for i in range(parts)]
