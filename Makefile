@@ -12,8 +12,8 @@ setup:
 
 demo: setup
 	$(VENV)/bin/rlhf-ray synth-data data/generated
-	$(VENV)/bin/rlhf-ray sft configs/tiny-cpu/sft.yaml run.name=demo-sft-$(RUN_TAG)
-	$(VENV)/bin/rlhf-ray rm configs/tiny-cpu/rm.yaml run.name=demo-rm-$(RUN_TAG)
+	$(VENV)/bin/rlhf-ray pipeline configs/tiny-cpu/pipeline.yaml sft.run.name=demo-sft-$(RUN_TAG) \
+	  rm.run.name=demo-rm-$(RUN_TAG) rlhf.run.name=demo-rlhf-$(RUN_TAG)
 
 test: setup
 	$(VENV)/bin/python -m pytest tests

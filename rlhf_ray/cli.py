@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 from rlhf_ray.config import STAGE_CONFIGS
 from rlhf_ray.config_loader import ConfigError, config_help, load_config
 from rlhf_ray.data.errors import DataError
+from rlhf_ray.rewards import RewardFunctionError
 
 
 def _run_sft(cfg) -> None:
@@ -33,7 +34,22 @@ def _run_rm(cfg) -> None:
     print(f"[rm] done: run directory {result.run_dir}, reward model {result.model_dir}")
 
 
-STAGE_RUNNERS: dict[str, Callable] = {"sft": _run_sft, "rm": _run_rm}
+def _run_rlhf(cfg) -> None:
+    from rlhf_ray.stages.rlhf import run_rlhf
+
+    result = run_rlhf(cfg)
+    print(f"[rlhf] done: run directory {result.run_dir}, policy {result.model_dir}")
+
+
+def _run_pipeline(cfg) -> None:
+    from rlhf_ray.stages.pipeline import run_pipeline
+
+    results = run_pipeline(cfg)
+    print("[pipeline] done: " + ", ".join(f"{k} {r.run_dir}" for k, r in results.items()))
+
+
+STAGE_RUNNERS: dict[str, Callable] = {"sft": _run_sft, "rm": _run_rm, "rlhf": _run_rlhf,
+                                      "pipeline": _run_pipeline}
 
 
 def _stage_parser(sub, name: str) -> None:
@@ -93,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             config = None
         cfg = load_config(STAGE_CONFIGS[args.command], config, overrides)
         STAGE_RUNNERS[args.command](cfg)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, RewardFunctionError) as err:
         print(f"rlhf-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -337,12 +337,20 @@ class RLHFConfig:
             raise ConfigError("data.train: required; name a prompts file or a `datasets` name")
         if self.run.max_steps < 1:
             raise ConfigError("run.max_steps: RLHF runs by steps; set run.max_steps >= 1")
-        per_rank = self.rollouts_per_minibatch_per_rank(self.learner)
-        if per_rank is None or per_rank % self.learner.micro_batch_size:
+        self._check_split(self.learner, "learner")
+        if self.algorithm.advantage == "gae":  # the critic trains on the same minibatches
+            self._check_split(self.critic.learner, "critic.learner")
+
+    def _check_split(self, learner: LearnerConfig, key: str) -> None:
+        per_rank = self.rollouts_per_minibatch_per_rank(learner)
+        if per_rank is None or per_rank % learner.micro_batch_size:
+            algo, gen = self.algorithm, self.generator
             raise ConfigError(
-                f"algorithm/learner: a step makes {self.rollouts_per_step} rollouts, split into "
-                f"{self.algorithm.num_minibatches} minibatches over {self.learner.num_ranks} ranks; that must "
-                f"divide evenly into learner.micro_batch_size={self.learner.micro_batch_size} micro-batches")
+                f"{key}: a step makes algorithm.prompts_per_step={algo.prompts_per_step} x "
+                f"generator.samples_per_prompt={gen.samples_per_prompt} = {self.rollouts_per_step} rollouts, split "
+                f"into algorithm.num_minibatches={algo.num_minibatches} minibatches over "
+                f"{key}.num_ranks={learner.num_ranks} ranks; each rank's share must divide evenly into "
+                f"micro-batches of {key}.micro_batch_size={learner.micro_batch_size}")
 
     @property
     def rollouts_per_step(self) -> int:
@@ -353,4 +361,15 @@ class RLHFConfig:
         return self.rollouts_per_step // parts if self.rollouts_per_step % parts == 0 else None
 
 
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "rlhf": RLHFConfig}
+@dataclass(frozen=True)
+class PipelineConfig:
+    """SFT -> reward model -> RLHF, each stage's output feeding the next, one run directory per stage."""
+
+    sft: SFTConfig = doc("The SFT stage; its model becomes the RLHF policy and reference.")
+    rlhf: RLHFConfig = doc("The RLHF stage; policy.path (and reward.model, with an rm stage) are filled in.")
+    rm: Optional[RMConfig] = doc("The reward-model stage; null skips it (rule rewards only).", None)
+    rm_from_sft: bool = doc("Start the reward model from the SFT model instead of rm.model.path.", False)
+
+
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "rlhf": RLHFConfig,
+                                  "pipeline": PipelineConfig}

@@ -41,14 +41,15 @@ def tiny_tokenizer(tiny_model_path):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray instance for the whole session (4 logical CPUs on a 2-core machine)."""
+    """One local Ray instance for the whole session (6 logical CPUs on a 2-core machine: the RLHF roles
+    reserve 5; on CPU they time-share the cores)."""
     import ray
 
     from rlhf_ray.distributed.runtime import worker_env_vars
 
     temp_dir = Path(tempfile.gettempdir()) / "rlhf_ray_tests" / uuid.uuid4().hex[:8]
     temp_dir.mkdir(parents=True)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=str(temp_dir),
+    ray.init(address="local", num_cpus=6, include_dashboard=False, _temp_dir=str(temp_dir),
              runtime_env={"env_vars": worker_env_vars("cpu")}, log_to_driver=False)
     yield ray
     ray.shutdown()

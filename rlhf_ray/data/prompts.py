@@ -1,9 +1,10 @@
 """RLHF prompts: rows of a file or dataset -> chat-rendered prompt token ids (`PROMPT_SCHEMA`).
 
 Accepted rows (detected per row):
-- `{prompt: "text"}` or `{prompt: [{role, content}, ...]}`;
-- `{instruction, input?, output?}` (the SFT format; `output`, when present, is kept as the `reference`);
+- `{prompt: "text", output?}` or `{prompt: [{role, content}, ...], output?}`;
+- `{instruction, input?, output?}` (the SFT format);
 - `{messages: [...]}`: a trailing assistant message is taken as the reference, the rest is the prompt.
+An `output` field, when present, is kept as the `reference` (what `rewards.tasks:exact_match` compares with).
 Every other field (`task`, `input`, `id`) is kept in the JSON metadata that reward functions receive.
 """
 
@@ -52,10 +53,12 @@ def parse_prompt(record: Record) -> PromptRow:
     row = record.value
     meta = {k: v for k, v in row.items() if k not in ("prompt", "messages", "output")}
     if "prompt" in row:
+        field = "prompt"
         prompt = row["prompt"]
         messages = ({"role": "user", "content": _string(record, "prompt", True)},) if not isinstance(
             prompt, list) else _messages(record, prompt, "prompt")
     elif "messages" in row:
+        field = "messages"
         messages = _messages(record, row["messages"], "messages")
         if messages[-1]["role"] == "assistant":
             meta["reference"] = messages[-1]["content"]
@@ -63,16 +66,18 @@ def parse_prompt(record: Record) -> PromptRow:
         if not messages:
             raise record.error("holds no prompt before the assistant message", field="messages")
     elif "instruction" in row:
+        field = "instruction"
         instruction = _string(record, "instruction", True)
         task_input = _string(record, "input", False) or ""
         messages = ({"role": "user", "content": f"{instruction}\n{task_input}" if task_input else instruction},)
+    else:
+        raise record.error("needs a prompt: one of the fields prompt, messages, or instruction", field="prompt")
+    if field != "messages":
         output = _string(record, "output", False)
         if output is not None:
             meta["reference"] = output
-    else:
-        raise record.error("needs a prompt: one of the fields prompt, messages, or instruction", field="prompt")
     if messages[-1]["role"] == "assistant":
-        raise record.error("the prompt must not end with an assistant message", field="prompt")
+        raise record.error("the prompt must not end with an assistant message", field=field)
     return PromptRow(messages, meta)
 
 

@@ -21,8 +21,9 @@ that the load took effect is what comparing logprobs with the learner proves (te
 from __future__ import annotations
 
 import datetime
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,11 +46,11 @@ class TensorMeta:
     shape: tuple[int, ...]
 
     @classmethod
-    def of(cls, name: str, tensor: torch.Tensor) -> "TensorMeta":
+    def of(cls, name: str, tensor: torch.Tensor) -> TensorMeta:
         return cls(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
 
     @classmethod
-    def coerce(cls, value: Any) -> "TensorMeta":
+    def coerce(cls, value: Any) -> TensorMeta:
         """A TensorMeta from itself or from a plain (name, dtype, shape) sequence (what RPC layers deliver)."""
         if isinstance(value, TensorMeta):
             return value
@@ -284,7 +285,9 @@ class WeightSyncExtension:
         reload), but vLLM-cpu computes logits from a packed copy made at start-up: redo it. On GPU this
         processing is a no-op for unquantized heads, so the call is the same on both."""
         from vllm.config import set_current_vllm_config
-        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+        from vllm.model_executor.layers.vocab_parallel_embedding import (
+            UnquantizedEmbeddingMethod,
+        )
 
         lm_head = getattr(self.model_runner.get_model(), "lm_head", None)
         method = getattr(lm_head, "quant_method", None)

@@ -127,8 +127,9 @@ class WorkerGroup(Generic[A]):
 def describe_resources() -> str:
     total = ray.cluster_resources()
     free = ray.available_resources()
-    keys = sorted(k for k in total if k in ("CPU", "GPU", "memory") or not k.startswith(("node:", "object_")))
-    return ", ".join(f"{k} {free.get(k, 0):g} free of {total[k]:g}" for k in keys if k != "memory")
+    keys = sorted(k for k in total if not k.startswith(("node:", "object_", "bundle_")) and "_group_" not in k
+                  and k not in ("memory",))
+    return ", ".join(f"{k} {free.get(k, 0):g} free of {total[k]:g}" for k in keys)
 
 
 def reserve(spec: GroupSpec) -> PlacementGroup:
@@ -143,6 +144,20 @@ def reserve(spec: GroupSpec) -> PlacementGroup:
             f"{spec.name}: placement of {spec.num_workers} x {spec.bundles()[0]} ({spec.strategy}) not ready "
             f"after {spec.ready_timeout_s:.0f} s; cluster: {describe_resources()}") from None
     return pg
+
+
+def check_total(needs: dict[str, dict[str, float]]) -> None:
+    """Fail at once when the roles together need more CPUs/GPUs than the cluster has in all.
+
+    `needs` maps a role to its resources, e.g. {"learner": {"CPU": 2, "GPU": 2}, "generators": {...}}.
+    """
+    total = ray.cluster_resources()
+    for resource in ("CPU", "GPU"):
+        need = sum(role.get(resource, 0.0) for role in needs.values())
+        if need > total.get(resource, 0.0) + 1e-9:
+            parts = ", ".join(f"{name} {role[resource]:g}" for name, role in needs.items() if role.get(resource))
+            raise PlacementError(f"the roles need {need:g} {resource} in all ({parts}) but the cluster has "
+                                 f"{total.get(resource, 0):g}; cluster: {describe_resources()}")
 
 
 def check_fits(spec: GroupSpec) -> None:

@@ -46,6 +46,8 @@ def call_reward_function(path: str, fn: RewardFunction, prompts: list[str], resp
     except Exception as err:  # the user's code: report which function failed, with its error
         raise RewardFunctionError(f"reward function {path} raised {type(err).__name__}: {err}") from err
     try:
+        if isinstance(values, (str, bytes)):  # iterable, so "10" would pass as [1.0, 0.0]
+            raise TypeError(f"got a {type(values).__name__}")
         values = [float(v) for v in values]
     except (TypeError, ValueError) as err:
         raise RewardFunctionError(f"reward function {path} must return numbers, got {values!r:.80}") from err

@@ -144,7 +144,8 @@ class PolicyObjective:
         return load_causal_lm(cfg, dtype)
 
     def micro_batch(self, table: pa.Table, rows: Sequence[int], pad_id: int) -> RLBatch:
-        return collate_rl(table, rows, pad_id, self.FIELDS)
+        # Experience rows carry FIELDS; bare rollouts (scored for pi_old) do not.
+        return collate_rl(table, rows, pad_id, [f for f in self.FIELDS if f in table.column_names])
 
     def count(self, batch: RLBatch) -> int:
         if self.aggregation == "sequence":

@@ -145,10 +145,11 @@ class RewardActor:
                 values = call_reward_function(path, fn, prompts, responses, metadata)
                 columns[f"score/{path.rpartition(':')[2]}"] = values
                 total = [t + weight * v for t, v in zip(total, values)]
-        if self.cfg.clip is not None:
-            total = [max(-self.cfg.clip, min(self.cfg.clip, t)) for t in total]
+        # Checked before clipping: min/max would turn a NaN into +clip and hide it.
         if not all(math.isfinite(t) for t in total):
             raise ValueError("the reward model produced a non-finite score (check the model and its stats)")
+        if self.cfg.clip is not None:
+            total = [max(-self.cfg.clip, min(self.cfg.clip, t)) for t in total]
         table = pa.Table.from_pydict({"score": total}, schema=REWARD_SCHEMA)
         for name, values in columns.items():
             table = table.append_column(name, pa.array(values, pa.float32()))

@@ -143,6 +143,7 @@ class RLHFLoop:
     def train(self, experience: ray.ObjectRef, n: int, step: int) -> dict[str, float]:
         """ppo_epochs passes, each num_minibatches optimizer steps over a seeded shuffle of the rollouts."""
         algo, roles = self.cfg.algorithm, self.roles
+        began = time.perf_counter()
         sums: dict[str, float] = {}
         updates = 0
         for epoch in range(algo.ppo_epochs):
@@ -161,7 +162,7 @@ class RLHFLoop:
         out = {f"policy/{k}": v / updates for k, v in sums.items() if k not in ("value_loss", "tokens")}
         if "value_loss" in sums:
             out["value_loss"] = sums["value_loss"] / updates
-        out["train_tokens_per_s"] = sums.get("tokens", 0.0) / max(self.timer.seconds.get("train", 1e-9), 1e-9)
+        out["train_tokens_per_s"] = sums.get("tokens", 0.0) / (time.perf_counter() - began)
         return out
 
     # -- evaluation, checkpoints ----------------------------------------------------------------------------

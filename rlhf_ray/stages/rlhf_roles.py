@@ -16,20 +16,35 @@ from rlhf_ray.distributed.weight_transfer import WeightSync
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlhf_ray.distributed.worker_group import GroupSpec, reserve
+from rlhf_ray.distributed.worker_group import GroupSpec, check_total, reserve
 from rlhf_ray.roles.generator import GeneratorGroup
 from rlhf_ray.roles.learner import LearnerGroup
 from rlhf_ray.roles.scorers import ReferenceActor, RewardActor
 
 
+def role_resources(cfg: RLHFConfig, device: str) -> dict[str, dict[str, float]]:
+    """What each role reserves, for the up-front check against the cluster."""
+    gpu = device == "cuda"
+    needs = {
+        "policy learner": {"CPU": cfg.learner.num_ranks * cfg.learner.cpus_per_rank,
+                           "GPU": cfg.learner.num_ranks * cfg.learner.gpus_per_rank * gpu},
+        "generators": {"CPU": cfg.generator.num_engines * cfg.generator.cpus_per_engine,
+                       "GPU": cfg.generator.num_engines * cfg.generator.tensor_parallel_size * gpu},
+        "reference": {"CPU": cfg.reference.num_actors * cfg.reference.cpus_per_actor,
+                      "GPU": cfg.reference.num_actors * cfg.reference.gpus_per_actor * gpu},
+        "reward": {"CPU": cfg.reward.num_actors * cfg.reward.cpus_per_actor,
+                   "GPU": cfg.reward.num_actors * cfg.reward.gpus_per_actor * gpu},
+    }
+    if needs_critic(cfg.algorithm.advantage):
+        critic = cfg.critic.learner
+        needs["critic"] = {"CPU": critic.num_ranks * critic.cpus_per_rank,
+                           "GPU": critic.num_ranks * critic.gpus_per_rank * gpu}
+    return needs
+
+
 def needed_cpus(cfg: RLHFConfig) -> int:
     """Logical CPUs the roles reserve (a local instance gets at least this many; on CPU they time-share)."""
-    total = cfg.learner.num_ranks * cfg.learner.cpus_per_rank
-    total += cfg.generator.num_engines * cfg.generator.cpus_per_engine
-    total += cfg.reference.num_actors * cfg.reference.cpus_per_actor
-    total += cfg.reward.num_actors * cfg.reward.cpus_per_actor
-    if needs_critic(cfg.algorithm.advantage):
-        total += cfg.critic.learner.num_ranks * cfg.critic.learner.cpus_per_rank
+    total = sum(role["CPU"] for role in role_resources(cfg, "cpu").values())
     return max(int(math.ceil(total)), os.cpu_count() or 1)
 
 
@@ -66,6 +81,7 @@ class Roles:
     @classmethod
     def create(cls, cfg: RLHFConfig) -> "Roles":
         device = cluster_device(cfg.learner.device)
+        check_total(role_resources(cfg, device))
         algo = cfg.algorithm
         updates = cfg.run.max_steps * algo.ppo_epochs * algo.num_minibatches
         env = {"env_vars": worker_env_vars(device)}

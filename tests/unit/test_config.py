@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_ray.config import STAGE_CONFIGS, DataConfig, LearnerConfig, RunConfig, SFTConfig
+from rlhf_ray.config import (STAGE_CONFIGS, DataConfig, LearnerConfig, RewardConfig, RewardFunctionConfig,
+                             RLHFConfig, RunConfig, SFTConfig)
 from rlhf_ray.config_loader import ConfigError, config_help, load_config, parse_override, save_config, to_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -332,3 +333,70 @@ def test_shipped_config_loads_with_its_stage_config(path):
         assert isinstance(cfg.data, DataConfig)
         # the batch fits the per-rank split the sampler makes
         assert cfg.learner.global_batch_size % cfg.learner.num_ranks == 0
+
+
+# -- RLHF ---------------------------------------------------------------------------------------------------
+
+def rlhf(*overrides: str, path: Path | None = None) -> RLHFConfig:
+    return load_config(RLHFConfig, path, [f"data.train={TRAIN}", "run.max_steps=3", *overrides])
+
+
+def test_rlhf_defaults_need_only_data_train_and_max_steps():
+    cfg = rlhf()
+    assert cfg.run.max_steps == 3 and cfg.data.train == TRAIN
+    assert cfg.rollouts_per_step == 64  # 16 prompts x 4 samples
+    assert cfg.reward.model is None
+    assert [f.path for f in cfg.reward.functions] == ["rlhf_ray.rewards.tasks:task_score"]
+    assert cfg.algorithm.advantage == "gae" and cfg.algorithm.kl_in == "reward"
+
+
+def test_rlhf_needs_max_steps():
+    with pytest.raises(ConfigError, match="run.max_steps"):
+        load_config(RLHFConfig, None, [f"data.train={TRAIN}"])
+
+
+def test_tiny_cpu_rlhf_config_loads():
+    cfg = load_config(RLHFConfig, REPO / "configs" / "tiny-cpu" / "rlhf.yaml")
+    assert cfg.policy.path == "runs/sft-tiny/model"
+    assert cfg.learner.num_ranks == 2 and cfg.learner.micro_batch_size == 32
+    assert cfg.rollouts_per_minibatch_per_rank(cfg.learner) == 32
+    assert cfg.rollouts_per_minibatch_per_rank(cfg.critic.learner) == 64
+    assert cfg.reward.functions == (RewardFunctionConfig("rlhf_ray.rewards.tasks:task_score", 1.0),)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["learner.micro_batch_size=7"],                                    # 64 per rank, not a multiple of 7
+    ["algorithm.num_minibatches=3"],                                   # 64 rollouts do not split in 3
+    ["learner.num_ranks=3", "critic.learner.num_ranks=1"],             # nor over 3 ranks
+    ["algorithm.prompts_per_step=5"],                                  # 20 rollouts, not a multiple of 8
+    ["generator.samples_per_prompt=3", "learner.micro_batch_size=5"],  # 48 per rank, not a multiple of 5
+])
+def test_rlhf_rollouts_must_split_into_micro_batches_and_the_error_names_the_keys(overrides):
+    with pytest.raises(ConfigError) as err:
+        rlhf(*overrides, "critic.learner.micro_batch_size=1")
+    text = str(err.value)
+    for key in ("algorithm.prompts_per_step", "generator.samples_per_prompt", "algorithm.num_minibatches",
+                "learner.num_ranks", "learner.micro_batch_size"):
+        assert key in text, text
+
+
+def test_rlhf_critic_learner_must_split_too():
+    """The critic trains on the same minibatches (gae only), so its learner group is checked as well."""
+    with pytest.raises(ConfigError, match=r"critic\.learner\.micro_batch_size=48"):
+        rlhf("critic.learner.micro_batch_size=48")
+    cfg = rlhf("critic.learner.micro_batch_size=48", "algorithm.advantage=grpo")  # no critic: not checked
+    assert cfg.critic.learner.micro_batch_size == 48
+
+
+def test_rlhf_divisible_splits_load():
+    cfg = rlhf("algorithm.prompts_per_step=6", "generator.samples_per_prompt=4", "algorithm.num_minibatches=2",
+               "learner.num_ranks=3", "learner.micro_batch_size=2", "critic.learner.micro_batch_size=4")
+    assert cfg.rollouts_per_minibatch_per_rank(cfg.learner) == 4
+
+
+def test_reward_needs_a_model_or_functions():
+    with pytest.raises(ConfigError, match="reward.model .* and/or reward.functions"):
+        RewardConfig()
+    with pytest.raises(ConfigError, match="reward.functions"):
+        rlhf("reward.functions=[]")
+    assert rlhf("reward.functions=[]", "reward.model=runs/rm/model").reward.model == "runs/rm/model"

@@ -1,0 +1,241 @@
+"""The generator: one vLLM engine per Ray actor, sampling responses to prompt tables; and its driver handle.
+
+Prompts arrive as a `PROMPT_SCHEMA` table in the object store plus the rows this engine answers; the answer
+is a `ROLLOUT_SCHEMA` table that stays in the object store (the driver passes refs on, never the rows).
+Token ids go to vLLM as they are (no re-tokenisation), and `rollout_logprobs` are vLLM's raw log-softmax of
+each sampled token (before temperature and top-p), the quantity the learner recomputes.
+
+New weights arrive through `rlhf_ray.distributed.weight_sync.WeightSyncExtension`, which vLLM mixes into its
+worker; this actor forwards to it through `LLM.collective_rpc` and resets the prefix cache afterwards (cached
+KV blocks were computed with the old weights).
+
+The engine runs in the actor's process when `GeneratorConfig.in_process` is set (`VLLM_ENABLE_V1_MULTIPROCESSING=0`,
+from `generator_env_vars` through Ray's `runtime_env`): about 5 s to start on CPU instead of 30 s. vLLM then
+owns that process's torch threading, which is why the engine has an actor of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyarrow as pa
+import ray
+from ray.util.placement_group import remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlhf_ray.config import GeneratorConfig
+from rlhf_ray.distributed.runtime import worker_env_vars
+from rlhf_ray.distributed.weight_sync import TensorMeta, WeightSyncError, WeightSyncExtension
+from rlhf_ray.distributed.worker_group import GroupSpec, reserve
+from rlhf_ray.rollout.schema import ROLLOUT_SCHEMA
+
+EXTENSION = f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}"
+
+
+def generator_env_vars(cfg: GeneratorConfig, device: str) -> dict[str, str]:
+    """Environment of a generator actor (pass as `runtime_env={"env_vars": ...}`)."""
+    env = worker_env_vars(device)
+    if cfg.in_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if device == "cpu":
+        # The engine's share of the node is what Ray reserved for it; vLLM's own core binding ("auto": the
+        # cores of one NUMA node) would put every engine of a node on the same cores.
+        env["OMP_NUM_THREADS"] = str(max(1, int(cfg.cpus_per_engine)))
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    return env
+
+
+class GeneratorActor:
+    """One vLLM engine (one role): sampling and weight updates."""
+
+    def __init__(self, model_path: str, cfg: GeneratorConfig, seed: int, device: str):
+        from vllm import LLM
+
+        from rlhf_ray.models.loading import resolve_dtype
+        from rlhf_ray.models.tiny import resolve_model_path
+
+        in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        if cfg.in_process != in_process:
+            raise ValueError(f"generator.in_process={cfg.in_process} but this actor's environment has "
+                             f"VLLM_ENABLE_V1_MULTIPROCESSING={os.environ.get('VLLM_ENABLE_V1_MULTIPROCESSING')!r}: "
+                             "create it with runtime_env={'env_vars': generator_env_vars(cfg, device)}")
+        self.cfg, self.device, self.model_path = cfg, device, resolve_model_path(model_path)
+        self.dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
+        kwargs: dict[str, Any] = {
+            "model": self.model_path, "dtype": self.dtype, "seed": seed,
+            "tensor_parallel_size": cfg.tensor_parallel_size, "worker_extension_cls": EXTENSION,
+            "enforce_eager": cfg.enforce_eager if cfg.enforce_eager is not None else device == "cpu"}
+        if device == "cpu":
+            # On CPU, gpu_memory_utilization would be a share of the node's RAM; name the KV cache size instead.
+            kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kv_cache_gib * 2**30)
+        else:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        if cfg.tensor_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = "mp"  # worker processes inside this actor, on its GPUs
+        began = time.perf_counter()
+        self.llm = LLM(**kwargs)
+        self.start_seconds = time.perf_counter() - began
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def ready(self) -> dict[str, Any]:
+        import vllm
+
+        return {"model": self.model_path, "device": self.device, "dtype": self.dtype,
+                "tensor_parallel_size": self.cfg.tensor_parallel_size, "in_process": self.cfg.in_process,
+                "start_seconds": round(self.start_seconds, 2), "vllm": vllm.__version__,
+                "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+
+    # -- sampling -------------------------------------------------------------------------------------------
+    def generate(self, prompts: pa.Table, rows: Sequence[int], n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, seed: int | None = None) -> pa.Table:
+        """`n` responses to each of `rows` of `prompts` (a `PROMPT_SCHEMA` table): a `ROLLOUT_SCHEMA` table,
+        prompt by prompt in the order of `rows`, samples in order. `temperature=0` is greedy (vLLM refuses
+        n > 1 there: the one greedy answer is repeated n times). With `seed`, prompt row r is sampled with
+        seed + r * n (the same answers however the rows are sharded)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        rows = [int(r) for r in rows]
+        if not rows:
+            return ROLLOUT_SCHEMA.empty_table()
+        chosen = prompts.select(["prompt_ids", "prompt_text", "metadata"]).take(rows).to_pydict()
+        for row, ids in zip(rows, chosen["prompt_ids"]):
+            if not ids:
+                raise ValueError(f"prompt row {row}: prompt_ids is empty (vLLM needs at least one token)")
+        draws = 1 if temperature == 0 else n
+        params = [SamplingParams(n=draws, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, logprobs=0,
+                                 seed=None if seed is None else seed + row * n, detokenize=False)
+                  for row in rows]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in chosen["prompt_ids"]], params,
+                                    use_tqdm=False)
+        columns: dict[str, list] = {name: [] for name in ROLLOUT_SCHEMA.names}
+        for i, (row, out) in enumerate(zip(rows, outputs)):
+            samples = sorted(out.outputs, key=lambda c: c.index)
+            for index in range(n):
+                sample = samples[index % draws]
+                tokens = list(sample.token_ids)
+                columns["prompt_index"].append(row)
+                columns["sample_index"].append(index)
+                columns["group"].append(row)
+                columns["prompt_ids"].append(chosen["prompt_ids"][i])
+                columns["response_ids"].append(tokens)
+                columns["rollout_logprobs"].append(_sampled_logprobs(sample, tokens, row))
+                columns["finish_reason"].append(str(sample.finish_reason))
+                columns["prompt_text"].append(chosen["prompt_text"][i])
+                columns["metadata"].append(chosen["metadata"][i])
+        columns["response_text"] = self.tokenizer.batch_decode(columns["response_ids"], skip_special_tokens=True)
+        return pa.Table.from_pydict(columns, schema=ROLLOUT_SCHEMA)
+
+    # -- weights --------------------------------------------------------------------------------------------
+    def init_weight_sync(self, master_addr: str, master_port: int, rank: int, world_size: int,
+                         backend: str | None = None) -> None:
+        """Join the weight-sync group as `rank` (tensor-parallel worker i as rank + i); backend defaults to
+        NCCL on CUDA, gloo on CPU. Blocks until every member joined: start all members' calls together."""
+        backend = backend or ("nccl" if self.device == "cuda" else "gloo")
+        self._rpc(WeightSyncExtension.init_weight_sync, master_addr, master_port, rank, world_size, backend)
+
+    def receive_weights(self, plan: Sequence[Sequence[TensorMeta]], record_checksum: bool = True) -> None:
+        """Receive and load a broadcast of `plan` from rank 0 (start together with the sender's call)."""
+        # Plain tuples: a multiprocess engine serialises RPC arguments with msgpack, which knows no dataclasses.
+        plain = [[(m.name, m.dtype, list(m.shape)) for m in map(TensorMeta.coerce, bucket)] for bucket in plan]
+        self._rpc(WeightSyncExtension.receive_weights, plain, record_checksum)
+        self.llm.reset_prefix_cache()
+
+    def load_weights_from_bytes(self, data: bytes, record_checksum: bool = True) -> None:
+        """Load safetensors bytes (`weight_sync.weights_to_bytes`; the object-store transport)."""
+        self._rpc(WeightSyncExtension.load_weights_from_bytes, data, record_checksum)
+        self.llm.reset_prefix_cache()
+
+    def weights_checksum(self) -> float:
+        """`weight_sync.checksum` of the weights loaded last (every worker of the engine must agree)."""
+        sums = self._rpc(WeightSyncExtension.weights_checksum)
+        if any(s != sums[0] for s in sums):
+            raise WeightSyncError(f"the workers of one engine disagree on their weights: checksums {sums}")
+        return sums[0]
+
+    def _rpc(self, method: Callable, *args: Any) -> list[Any]:
+        # collective_rpc takes the method's name; naming it through the extension class keeps it checked.
+        return self.llm.collective_rpc(method.__name__, args=args)
+
+
+def _sampled_logprobs(sample: Any, tokens: list[int], row: int) -> list[float]:
+    """The logprob of each sampled token, from vLLM's per-position {token: Logprob} (logprobs=0)."""
+    if sample.logprobs is None or len(sample.logprobs) != len(tokens):
+        raise RuntimeError(f"prompt row {row}: vLLM returned {0 if sample.logprobs is None else len(sample.logprobs)} "
+                           f"logprobs for {len(tokens)} tokens")
+    return [sample.logprobs[t][token].logprob for t, token in enumerate(tokens)]
+
+
+class GeneratorGroup:
+    """The driver's handle on the engines: one placement bundle and one `GeneratorActor` each."""
+
+    def __init__(self, model_path: str, cfg: GeneratorConfig, seed: int, device: str, name: str = "generator"):
+        self.cfg = cfg
+        gpus = float(cfg.tensor_parallel_size) if device == "cuda" else 0.0
+        spec = GroupSpec(name=name, num_workers=cfg.num_engines, cpus_per_worker=cfg.cpus_per_engine,
+                         gpus_per_worker=gpus)
+        self.placement_group = reserve(spec)
+        remote = ray.remote(GeneratorActor)
+        self.actors = [
+            remote.options(num_cpus=cfg.cpus_per_engine, num_gpus=gpus,
+                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group,
+                                                                                placement_group_bundle_index=i),
+                           runtime_env={"env_vars": generator_env_vars(cfg, device)})
+            .remote(model_path, cfg, seed + i, device)
+            for i in range(cfg.num_engines)]
+        self.info = ray.get([a.ready.remote() for a in self.actors])
+
+    @property
+    def workers_per_engine(self) -> int:
+        """Members of the weight-sync group per engine (its tensor-parallel workers)."""
+        return self.cfg.tensor_parallel_size
+
+    @property
+    def sync_world_size(self) -> int:
+        """Weight-sync group size: learner rank 0 plus every engine worker."""
+        return 1 + self.workers_per_engine * len(self.actors)
+
+    def generate(self, prompts: ray.ObjectRef, rows: Sequence[int], n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, seed: int | None = None) -> list[ray.ObjectRef]:
+        """Refs to the engines' rollout tables; `rows` split into contiguous shards, so concatenating the
+        tables in list order keeps the order of `rows`."""
+        shards = shard_rows(rows, len(self.actors))
+        return [actor.generate.remote(prompts, shard, n, temperature, top_p, max_new_tokens, seed)
+                for actor, shard in zip(self.actors, shards) if shard]
+
+    def init_weight_sync(self, master_addr: str, master_port: int, backend: str | None = None) -> list[ray.ObjectRef]:
+        """Start every engine joining the sync group (ranks 1..); the sender must join as rank 0 meanwhile."""
+        return [a.init_weight_sync.remote(master_addr, master_port, 1 + i * self.workers_per_engine,
+                                          self.sync_world_size, backend) for i, a in enumerate(self.actors)]
+
+    def receive_weights(self, plan: Sequence[Sequence[TensorMeta]],
+                        record_checksum: bool = True) -> list[ray.ObjectRef]:
+        """Start every engine receiving a broadcast of `plan` (the sender's `send_weights` runs meanwhile)."""
+        return [a.receive_weights.remote(plan, record_checksum) for a in self.actors]
+
+    def load_weights_from_bytes(self, data: ray.ObjectRef, record_checksum: bool = True) -> None:
+        """Every engine loads the same stored safetensors bytes."""
+        ray.get([a.load_weights_from_bytes.remote(data, record_checksum) for a in self.actors])
+
+    def weights_checksums(self) -> list[float]:
+        return ray.get([a.weights_checksum.remote() for a in self.actors])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        remove_placement_group(self.placement_group)
+
+
+def shard_rows(rows: Sequence[int], parts: int) -> list[list[int]]:
+    """`rows` cut into `parts` contiguous shards whose sizes differ by at most one."""
+    base, extra = divmod(len(rows), parts)
+    shards, start = [], 0
+    for i in range(parts):
+        size = base + (i < extra)
+        shards.append([int(r) for r in rows[start:start + size]])
+        start += size
+    return shards
