@@ -93,7 +93,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "synth-data":
-            from rlhf_ray.data.synthetic import write_feedback_datasets, write_sft_dataset
+            from rlhf_ray.data.synthetic import (
+                write_feedback_datasets,
+                write_sft_dataset,
+            )
 
             tasks = tuple(args.tasks.split(","))
             paths = write_sft_dataset(args.out_dir, tasks, args.n_train, args.n_eval, args.seed)

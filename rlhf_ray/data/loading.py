@@ -14,6 +14,7 @@ import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -183,3 +184,17 @@ def collect_valid(records: Iterable[Record], validate: Callable[[Record], T], sk
     if not valid:
         raise _nothing_valid(source or "<data>", skipped)
     return valid, skipped
+
+
+def detect_format(fmt: str, records: Iterable[Record], guess: Callable[[dict], str],
+                  default: str) -> tuple[str, Iterator[Record]]:
+    """`fmt`, or for "auto" `guess(first readable row)` (`default` if there is none); plus all the records."""
+    records = iter(records)
+    if fmt != "auto":
+        return fmt, records
+    head: list[Record] = []
+    for record in records:
+        head.append(record)
+        if isinstance(record.value, dict):
+            return guess(record.value), chain(head, records)
+    return default, iter(head)

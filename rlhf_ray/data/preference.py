@@ -25,7 +25,7 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import chain, combinations
+from itertools import combinations
 from typing import Any
 
 import pyarrow as pa
@@ -34,7 +34,16 @@ from jinja2 import TemplateError
 from rlhf_ray.config import RewardDataConfig
 from rlhf_ray.data.errors import DataError
 from rlhf_ray.data.loading import Record, collect_valid, read_records
-from rlhf_ray.data.sft import ROLES, Message, cap_rows, encode, render, require_chat_template, split_eval
+from rlhf_ray.data.loading import detect_format as _detect_format
+from rlhf_ray.data.sft import (
+    ROLES,
+    Message,
+    cap_rows,
+    encode,
+    render,
+    require_chat_template,
+    split_eval,
+)
 
 PREFERENCE_SCHEMA = pa.schema([
     ("kind", pa.string()),                         # "pair" | "ranking" | "rating"
@@ -230,15 +239,7 @@ def _guess_format(row: dict[str, Any]) -> str:
 
 def detect_format(fmt: str, records: Iterable[Record]) -> tuple[str, Iterator[Record]]:
     """`fmt`, or for "auto" the format of the first readable row; all records."""
-    records = iter(records)
-    if fmt != "auto":
-        return fmt, records
-    head: list[Record] = []
-    for record in records:
-        head.append(record)
-        if isinstance(record.value, dict):
-            return _guess_format(record.value), chain(head, records)
-    return "pairwise", iter(head)
+    return _detect_format(fmt, records, _guess_format, "pairwise")
 
 
 def tokenize_feedback(tokenizer: Any, feedback: Feedback, record: Record) -> PreferenceExample:

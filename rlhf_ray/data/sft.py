@@ -16,7 +16,6 @@ import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from jinja2 import TemplateError
 from rlhf_ray.config import DataConfig
 from rlhf_ray.data.errors import ChatTemplateError, DataError
 from rlhf_ray.data.loading import Record, collect_valid, read_records
+from rlhf_ray.data.loading import detect_format as _detect_format
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
@@ -138,15 +138,8 @@ ROW_FORMATS: dict[str, Callable[[Record], Conversation]] = {
 
 def detect_format(fmt: str, records: Iterable[Record]) -> tuple[str, Iterator[Record]]:
     """`fmt`, or for "auto" the format of the first readable row (has `messages` -> messages); all records."""
-    records = iter(records)
-    if fmt != "auto":
-        return fmt, records
-    head: list[Record] = []
-    for record in records:
-        head.append(record)
-        if isinstance(record.value, dict):
-            return ("messages" if "messages" in record.value else "instruction"), chain(head, records)
-    return "instruction", iter(head)
+    return _detect_format(fmt, records, lambda row: "messages" if "messages" in row else "instruction",
+                          "instruction")
 
 
 def require_chat_template(tokenizer: Any) -> None:

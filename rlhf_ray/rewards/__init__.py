@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 RewardFunction = Callable[[list[str], list[str], list[dict]], Sequence[float]]
 

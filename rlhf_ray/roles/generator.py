@@ -28,7 +28,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.config import GeneratorConfig
 from rlhf_ray.distributed.runtime import worker_env_vars
-from rlhf_ray.distributed.weight_sync import TensorMeta, WeightSyncError, WeightSyncExtension
+from rlhf_ray.distributed.weight_sync import (
+    TensorMeta,
+    WeightSyncError,
+    WeightSyncExtension,
+)
 from rlhf_ray.distributed.worker_group import GroupSpec, reserve
 from rlhf_ray.rollout.schema import ROLLOUT_SCHEMA
 

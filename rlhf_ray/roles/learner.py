@@ -35,15 +35,19 @@ class Learner(DistributedWorker):
     # -- set-up ---------------------------------------------------------------------------------------------
     def setup(self) -> dict[str, Any]:
         """Join the process group, load the model (ZeRO-3: partitioned as it loads) and build the engine."""
-        import torch._dynamo  # noqa: F401  (deepspeed.zero.Init fails on transformers 5.19 without it)
         import deepspeed
+        import torch._dynamo  # noqa: F401  (deepspeed.zero.Init fails on transformers 5.19 without it)
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()  # e.g. "score.weight newly initialized" is expected
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
-        from rlhf_ray.distributed.deepspeed_setup import build_lr_scheduler, build_optimizer, deepspeed_config
+        from rlhf_ray.distributed.deepspeed_setup import (
+            build_lr_scheduler,
+            build_optimizer,
+            deepspeed_config,
+        )
         from rlhf_ray.models.loading import load_tokenizer, resolve_dtype
         from rlhf_ray.roles.objectives import make_objective
 

@@ -12,11 +12,22 @@ from typing import Any, Protocol, Sequence
 import pyarrow as pa
 import torch
 
-from rlhf_ray.algorithms.losses import (bradley_terry_loss, plackett_luce_loss, ranking_pairs, rating_loss,
-                                        sft_loss)
+from rlhf_ray.algorithms.losses import (
+    bradley_terry_loss,
+    plackett_luce_loss,
+    ranking_pairs,
+    rating_loss,
+    sft_loss,
+)
 from rlhf_ray.config import ModelConfig
-from rlhf_ray.data.collate import (PreferenceBatch, RLBatch, TokenBatch, collate_preferences, collate_rl,
-                                   collate_sft)
+from rlhf_ray.data.collate import (
+    PreferenceBatch,
+    RLBatch,
+    TokenBatch,
+    collate_preferences,
+    collate_rl,
+    collate_sft,
+)
 from rlhf_ray.models.loading import load_causal_lm, load_reward_model, load_value_model
 
 
@@ -156,7 +167,12 @@ class PolicyObjective:
         return int(batch.attention_mask.sum().item())
 
     def loss(self, model: torch.nn.Module, batch: RLBatch, kl_coef: float = 0.0) -> LossOutput:
-        from rlhf_ray.algorithms.policy_loss import aggregate, entropy_from_logits, kl_penalty_loss, ppo_policy_loss
+        from rlhf_ray.algorithms.policy_loss import (
+            aggregate,
+            entropy_from_logits,
+            kl_penalty_loss,
+            ppo_policy_loss,
+        )
 
         logprobs, logits = response_logprobs_and_logits(model, batch)
         f = batch.fields

@@ -58,7 +58,11 @@ class ReferenceActor:
     """Reference-policy log-probabilities of the response tokens (the SFT model, frozen)."""
 
     def __init__(self, model_cfg: ModelConfig, micro_batch_size: int, device: str):
-        from rlhf_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+        from rlhf_ray.models.loading import (
+            load_causal_lm,
+            load_tokenizer,
+            resolve_dtype,
+        )
 
         _quiet_transformers()
         self.device = "cuda" if device == "cuda" else "cpu"

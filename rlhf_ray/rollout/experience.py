@@ -6,7 +6,6 @@ task so the joined batch is made next to its inputs and goes into the object sto
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -15,7 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from rlhf_ray.algorithms.advantages import AdvantageInputs, estimate_advantages, token_rewards
+from rlhf_ray.algorithms.advantages import (
+    AdvantageInputs,
+    estimate_advantages,
+    token_rewards,
+)
 from rlhf_ray.algorithms.kl import kl_estimate
 from rlhf_ray.algorithms.masked import masked_mean, masked_sum, masked_whiten
 from rlhf_ray.rollout.schema import EXPERIENCE_SCHEMA, response_mask, response_tensor

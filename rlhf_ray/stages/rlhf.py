@@ -29,7 +29,13 @@ from rlhf_ray.distributed.runtime import ray_session
 from rlhf_ray.models.loading import load_tokenizer
 from rlhf_ray.rewards import load_reward_function
 from rlhf_ray.rollout.experience import ExperienceParams
-from rlhf_ray.stages.common import MetricsLogger, PhaseTimer, RunDir, StepSampler, read_trainer_state
+from rlhf_ray.stages.common import (
+    MetricsLogger,
+    PhaseTimer,
+    RunDir,
+    StepSampler,
+    read_trainer_state,
+)
 from rlhf_ray.stages.rlhf_roles import Roles, needed_cpus
 from rlhf_ray.stages.rlhf_tasks import concat_tables, make_experience, summarize_eval
 from rlhf_ray.stages.supervised import StageResult

@@ -8,14 +8,13 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import ray
+from ray.util.placement_group import remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.algorithms.advantages import needs_critic
 from rlhf_ray.config import ModelConfig, RLHFConfig
 from rlhf_ray.distributed.runtime import cluster_device, worker_env_vars
 from rlhf_ray.distributed.weight_transfer import WeightSync
-from ray.util.placement_group import remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
 from rlhf_ray.distributed.worker_group import GroupSpec, check_total, reserve
 from rlhf_ray.roles.generator import GeneratorGroup
 from rlhf_ray.roles.learner import LearnerGroup

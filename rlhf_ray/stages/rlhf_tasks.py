@@ -9,10 +9,15 @@ from typing import Any, Optional
 import pyarrow as pa
 import ray
 
-
 from rlhf_ray.algorithms.kl import kl_estimate
 from rlhf_ray.data.synthetic import TASKS, score_answer
-from rlhf_ray.rollout.experience import ExperienceParams, build_experience, kl_rows, rows_in_order, write_rollouts
+from rlhf_ray.rollout.experience import (
+    ExperienceParams,
+    build_experience,
+    kl_rows,
+    rows_in_order,
+    write_rollouts,
+)
 from rlhf_ray.rollout.schema import response_mask, response_tensor
 
 

@@ -19,7 +19,13 @@ from tqdm.auto import tqdm
 
 from rlhf_ray.distributed.runtime import cluster_device, ray_session, worker_env_vars
 from rlhf_ray.roles.learner import LearnerGroup
-from rlhf_ray.stages.common import MetricsLogger, RunDir, StepSampler, read_trainer_state, total_steps
+from rlhf_ray.stages.common import (
+    MetricsLogger,
+    RunDir,
+    StepSampler,
+    read_trainer_state,
+    total_steps,
+)
 
 # (learner group, eval table ref, step) -> metrics
 Evaluator = Callable[[LearnerGroup, ray.ObjectRef, int], dict[str, Any]]

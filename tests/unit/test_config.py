@@ -326,7 +326,7 @@ def test_shipped_config_loads_with_its_stage_config(path):
                                         f"{', '.join(STAGE_CONFIGS)}")
     cls = STAGE_CONFIGS[path.stem]
     data = yaml.safe_load(path.read_text()) or {}
-    overrides = [] if data.get("data", {}).get("train") else [f"data.train={TRAIN}"]
+    overrides = [] if "data" not in data or data["data"].get("train") else [f"data.train={TRAIN}"]
     cfg = load_config(cls, path, overrides)
     assert isinstance(cfg, cls)
     if isinstance(cfg, SFTConfig):
