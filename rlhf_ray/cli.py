@@ -4,6 +4,8 @@
     rlhf-ray sft --help                  # every config key with its type, default and meaning
     rlhf-ray rm configs/tiny-cpu/rm.yaml data.train=data/generated/ranking_train.jsonl
     rlhf-ray synth-data data/generated   # the synthetic task and feedback files the tiny presets use
+    rlhf-ray label configs/tiny-cpu/label.yaml server.port=8000   # the labeling page
+    rlhf-ray label-summary configs/tiny-cpu/label.yaml            # counts, agreement, A/B win rate
 """
 
 from __future__ import annotations
@@ -48,14 +50,45 @@ def _run_pipeline(cfg) -> None:
     print("[pipeline] done: " + ", ".join(f"{k} {r.run_dir}" for k, r in results.items()))
 
 
+def _run_label(cfg) -> None:
+    from rlhf_ray.label.server import serve
+
+    serve(cfg)
+
+
+def _run_label_summary(cfg) -> None:
+    import json
+
+    from rlhf_ray.label.store import LOG_FILE, read_log
+    from rlhf_ray.label.summary import format_summary, summarize
+
+    log = Path(cfg.output_dir) / LOG_FILE
+    if not log.is_file():
+        raise ConfigError(f"output_dir: {log} does not exist; no judgements yet (start with rlhf-ray label)")
+    records, bad = read_log(log)
+    summary = summarize(records, cfg.mode, cfg.ab.name_a, cfg.ab.name_b, cfg.ab.ties)
+    out = Path(cfg.output_dir) / "summary.json"
+    out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(format_summary(summary))
+    print(f"\n[label-summary] {out}" + (f"; {bad} unreadable log lines skipped" if bad else ""))
+
+
 STAGE_RUNNERS: dict[str, Callable] = {"sft": _run_sft, "rm": _run_rm, "rlhf": _run_rlhf,
-                                      "pipeline": _run_pipeline}
+                                      "pipeline": _run_pipeline, "label": _run_label,
+                                      "label-summary": _run_label_summary}
+# The config class of each command: its stage's, or the one it reports on.
+COMMAND_CONFIGS: dict[str, type] = {**STAGE_CONFIGS, "label-summary": STAGE_CONFIGS["label"]}
+HELP_LINES = {"label-summary": "Counts per annotator, agreement between annotators, A/B win rate of the labels "
+                               "in a label config's output_dir"}
 
 
 def _stage_parser(sub, name: str) -> None:
-    cls = STAGE_CONFIGS[name]
-    parser = sub.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0],
-                            description=(cls.__doc__ or "") + "\n\nconfig keys:\n" + config_help(cls),
+    cls = COMMAND_CONFIGS[name]
+    doc = (cls.__doc__ or "").strip()
+    if name in HELP_LINES:
+        doc = f"{HELP_LINES[name]}.\n\nThe config is that of `rlhf-ray label`: {doc}"
+    parser = sub.add_parser(name, help=doc.splitlines()[0],
+                            description=doc + "\n\nconfig keys:\n" + config_help(cls),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="YAML config file (e.g. configs/tiny-cpu/sft.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. learner.lr=3e-4")
@@ -95,6 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "synth-data":
             from rlhf_ray.data.synthetic import (
                 write_feedback_datasets,
+                write_label_candidates,
                 write_sft_dataset,
             )
 
@@ -102,6 +136,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             paths = write_sft_dataset(args.out_dir, tasks, args.n_train, args.n_eval, args.seed)
             paths.update(write_feedback_datasets(args.out_dir, tuple(args.feedback_tasks.split(",")), args.n_train,
                                                  args.n_eval, args.seed))
+            paths.update(write_label_candidates(args.out_dir, tuple(args.feedback_tasks.split(",")), args.n_eval,
+                                                args.seed))
             for split, path in paths.items():
                 print(f"{split}: {path}")
             return 0
@@ -110,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if config is not None and _is_override(config):
             overrides.insert(0, config)  # only overrides were given
             config = None
-        cfg = load_config(STAGE_CONFIGS[args.command], config, overrides)
+        cfg = load_config(COMMAND_CONFIGS[args.command], config, overrides)
         STAGE_RUNNERS[args.command](cfg)
     except (ConfigError, DataError, RewardFunctionError) as err:
         print(f"rlhf-ray {args.command}: error: {err}", file=sys.stderr)

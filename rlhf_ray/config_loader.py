@@ -135,6 +135,9 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         key = prefix + name
+        default = fields[name].default_factory
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[name]) and default is not dataclasses.MISSING:
+            value = _deep_merge(to_dict(default()), value)  # keys given override the section's own defaults
         converted = _convert(value, hints[name], key)
         _check_bounds(converted, fields[name].metadata, key)
         kwargs[name] = converted
@@ -144,6 +147,14 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
         missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING]
         raise ConfigError(f"missing required config key(s): {', '.join(prefix + m for m in missing)}") from err
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -251,3 +251,23 @@ def write_feedback_datasets(out_dir: str | os.PathLike, tasks: Sequence[str] = (
         for kind, file_rows in files.items():
             paths[f"{kind}_{split}"] = write_jsonl(file_rows, out / f"{kind}_{split}.jsonl")
     return paths
+
+
+def write_label_candidates(out_dir: str | os.PathLike, tasks: Sequence[str] = ("sort",), n: int = 200,
+                           seed: int = 0) -> dict[str, Path]:
+    """Candidates for the labeling page (`rlhf-ray label`), rows `{prompt, responses, task, input}`:
+    `label_pairs.jsonl` holds the right answer and one wrong one (level 1..3) per prompt, for pairwise
+    labeling; `label_candidates.jsonl` the right answer and one wrong answer of each level, for ratings and
+    rankings. Responses are shuffled. Keys of the result: "label_pairs", "label_candidates"."""
+    rng = random.Random(seed * 1_000_003 + 21)
+    pairs, lists = [], []
+    for row in make_rows(tasks, n, seed=seed * 1_000_003 + 22):
+        candidates = [text for _, text in _candidates(row, rng)]
+        pair = [candidates[0], candidates[rng.randint(1, 3)]]
+        rng.shuffle(pair)
+        rng.shuffle(candidates)
+        pairs.append({**_prompt_fields(row), "responses": pair})
+        lists.append({**_prompt_fields(row), "responses": candidates})
+    out = Path(out_dir)
+    return {"label_pairs": write_jsonl(pairs, out / "label_pairs.jsonl"),
+            "label_candidates": write_jsonl(lists, out / "label_candidates.jsonl")}

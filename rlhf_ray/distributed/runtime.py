@@ -47,7 +47,8 @@ def _local_temp_dir() -> str:
 
 @contextlib.contextmanager
 def ray_session(address: Optional[str], num_cpus: Optional[int] = None, device: str = "auto") -> Iterator[None]:
-    """Use the Ray already initialised in this process, else join `address`, else start a local instance.
+    """Use the Ray already initialised in this process, else join `address` (or `$RAY_ADDRESS`, which a Ray
+    job's entrypoint has), else start a local instance.
 
     A local instance gets its own temp dir and `address="local"`, so it never attaches to another cluster on
     the machine; it is shut down on exit (only what this call started).
@@ -56,8 +57,11 @@ def ray_session(address: Optional[str], num_cpus: Optional[int] = None, device: 
         yield
         return
     env = {"env_vars": worker_env_vars("cpu" if device == "cpu" else device)}
+    # Inside `ray job submit` Ray sets RAY_ADDRESS for the entrypoint: join that cluster. The job's own
+    # runtime_env (working_dir, env_vars) then applies; every actor adds its env_vars on top.
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True)
     else:
         cpus = max(num_cpus or os.cpu_count() or 1, 1)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, _temp_dir=_local_temp_dir(),

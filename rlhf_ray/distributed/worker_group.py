@@ -40,9 +40,11 @@ class GroupSpec:
     gpus_per_worker: float = 0.0
     strategy: str = "PACK"
     ready_timeout_s: float = 120.0
+    # Custom resources each worker also reserves, e.g. {"node_group_a": 1} to pin a role to labelled nodes.
+    resources: tuple[tuple[str, float], ...] = ()
 
     def bundles(self) -> list[dict[str, float]]:
-        bundle = {"CPU": self.cpus_per_worker}
+        bundle = {"CPU": self.cpus_per_worker, **dict(self.resources)}
         if self.gpus_per_worker > 0:
             bundle["GPU"] = self.gpus_per_worker
         return [dict(bundle) for _ in range(self.num_workers)]
@@ -165,12 +167,28 @@ def check_total(needs: dict[str, dict[str, float]]) -> None:
 
 
 def check_fits(spec: GroupSpec) -> None:
-    """Fail at once when the cluster as a whole lacks the resources `spec` needs (not wait forever)."""
+    """Fail at once when the cluster lacks what `spec` needs (not wait forever): in all, and per worker on
+    one node (a worker's bundle never spans nodes, e.g. a tensor-parallel engine's GPUs)."""
     total = ray.cluster_resources()
-    for resource in ("CPU", "GPU"):
-        need = sum(b.get(resource, 0.0) for b in spec.bundles())
+    bundle = spec.bundles()[0]
+    for resource, per_worker in bundle.items():
+        need = per_worker * spec.num_workers
         if need > total.get(resource, 0.0) + 1e-9:
             raise PlacementError(
-                f"{spec.name}: needs {need:g} {resource} ({spec.num_workers} ranks x "
-                f"{spec.bundles()[0].get(resource, 0):g}) but the cluster has {total.get(resource, 0):g} "
-                f"in all; cluster: {describe_resources()}")
+                f"{spec.name}: needs {need:g} {resource} ({spec.num_workers} x {per_worker:g}) but the cluster "
+                f"has {total.get(resource, 0):g} in all; cluster: {describe_resources()}")
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if nodes and not any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items()) for node in nodes):
+        largest = {k: max(node.get(k, 0.0) for node in nodes) for k in bundle}
+        raise PlacementError(
+            f"{spec.name}: each worker needs {_fmt(bundle)} on one node, but no node has that "
+            f"(largest per resource: {_fmt(largest)}); cluster: {describe_resources()}")
+    if spec.strategy.startswith("STRICT_PACK"):
+        whole = {k: v * spec.num_workers for k, v in bundle.items()}
+        if nodes and not any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in whole.items()) for node in nodes):
+            raise PlacementError(f"{spec.name}: STRICT_PACK needs {_fmt(whole)} on one node, but no node has "
+                                 f"that; cluster: {describe_resources()}")
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in resources.items())

@@ -90,7 +90,8 @@ class GeneratorActor:
         return {"model": self.model_path, "device": self.device, "dtype": self.dtype,
                 "tensor_parallel_size": self.cfg.tensor_parallel_size, "in_process": self.cfg.in_process,
                 "start_seconds": round(self.start_seconds, 2), "vllm": vllm.__version__,
-                "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+                "node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid()}
 
     # -- sampling -------------------------------------------------------------------------------------------
     def generate(self, prompts: pa.Table, rows: Sequence[int], n: int, temperature: float, top_p: float,
@@ -180,7 +181,7 @@ class GeneratorGroup:
         self.cfg = cfg
         gpus = float(cfg.tensor_parallel_size) if device == "cuda" else 0.0
         spec = GroupSpec(name=name, num_workers=cfg.num_engines, cpus_per_worker=cfg.cpus_per_engine,
-                         gpus_per_worker=gpus)
+                         gpus_per_worker=gpus, resources=tuple(sorted(cfg.resources_per_engine.items())))
         self.placement_group = reserve(spec)
         remote = ray.remote(GeneratorActor)
         self.actors = [

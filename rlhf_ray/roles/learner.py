@@ -283,7 +283,8 @@ class LearnerGroup:
                  objective_options: Optional[dict] = None):
         spec = GroupSpec(name=name, num_workers=learner_cfg.num_ranks, cpus_per_worker=learner_cfg.cpus_per_rank,
                          gpus_per_worker=learner_cfg.gpus_per_rank if device == "cuda" else 0.0,
-                         strategy=learner_cfg.placement_strategy)
+                         strategy=learner_cfg.placement_strategy,
+                         resources=tuple(sorted(learner_cfg.resources_per_rank.items())))
         self.cfg = learner_cfg
         self.group: WorkerGroup[Any] = WorkerGroup(ray.remote(Learner), spec, model_cfg, learner_cfg, objective,
                                                    total_steps, seed, device, objective_options,

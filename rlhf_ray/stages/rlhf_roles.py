@@ -56,10 +56,11 @@ def _rl_learner(cfg: RLHFConfig, learner):
     return replace(learner, grad_accum=per_rank // learner.micro_batch_size)
 
 
-def _actors(cls: type, name: str, count: int, cpus: float, gpus: float, device: str, *args: Any) -> tuple[Any, list]:
+def _actors(cls: type, name: str, count: int, cpus: float, gpus: float, resources: dict, device: str,
+            *args: Any) -> tuple[Any, list]:
     """(placement group, actors): `count` actors of `cls`, one bundle each."""
     spec = GroupSpec(name=name, num_workers=count, cpus_per_worker=cpus,
-                     gpus_per_worker=gpus if device == "cuda" else 0.0)
+                     gpus_per_worker=gpus if device == "cuda" else 0.0, resources=tuple(sorted(resources.items())))
     pg = reserve(spec)
     remote = ray.remote(cls)
     return pg, [remote.options(num_cpus=cpus, num_gpus=spec.gpus_per_worker,
@@ -99,11 +100,12 @@ class Roles:
                                   objective_options={"value_clip": algo.value_clip})
         generators = GeneratorGroup(cfg.policy.path, cfg.generator, cfg.run.seed, device)
         ref_model = replace(cfg.policy, path=cfg.reference.path or cfg.policy.path, gradient_checkpointing=False)
-        ref_pg, reference = _actors(ReferenceActor, "reference", cfg.reference.num_actors, cfg.reference.cpus_per_actor,
-                            cfg.reference.gpus_per_actor, device, ref_model, cfg.reference.micro_batch_size, device)
-        reward_pg, reward = _actors(RewardActor, "reward", cfg.reward.num_actors, cfg.reward.cpus_per_actor,
-                         cfg.reward.gpus_per_actor, device, cfg.reward, cfg.policy.tokenizer or cfg.policy.path,
-                         device)
+        r = cfg.reference
+        ref_pg, reference = _actors(ReferenceActor, "reference", r.num_actors, r.cpus_per_actor, r.gpus_per_actor,
+                                    r.resources_per_actor, device, ref_model, r.micro_batch_size, device)
+        w = cfg.reward
+        reward_pg, reward = _actors(RewardActor, "reward", w.num_actors, w.cpus_per_actor, w.gpus_per_actor,
+                                    w.resources_per_actor, device, w, cfg.policy.tokenizer or cfg.policy.path, device)
         sync = WeightSync(cfg.sync, learners, generators)
         return cls(generators, reference, reward, learners, critic, sync, [ref_pg, reward_pg])
 

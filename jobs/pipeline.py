@@ -1,0 +1,13 @@
+"""Ray job entrypoint for the pipeline stage:
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/pipeline.py CONFIG [key=value ...]
+
+Inside a job the stage joins the job's cluster ($RAY_ADDRESS); everything else is the CLI's.
+"""
+
+import sys
+
+from rlhf_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["pipeline", *sys.argv[1:]]))
