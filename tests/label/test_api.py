@@ -4,12 +4,14 @@ nothing from a request reaching the filesystem. Runs the real app over real HTTP
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from rlhf_ray.label.store import FEEDBACK_FILE, LOG_FILE
+from rlhf_ray.label.judgements import rm_rows
+from rlhf_ray.label.store import FEEDBACK_FILE, LOG_FILE, latest_by_key, read_log
 
 from .conftest import TOKENS, label_config
 
@@ -139,3 +141,26 @@ def test_annotators_each_have_their_own_progress_and_order(server):
         assert client.get("/api/state", headers=ALICE).json()["done"] == 1
         assert client.get(f"/api/items/{item}", headers=bob).json()["judgement"] is None
         assert client.get(f"/api/items/{item}", headers=ALICE).json()["judgement"] == {"choice": 0}
+
+
+def test_concurrent_annotators_never_mix_lines(server):
+    bob = {"Authorization": f"Bearer {TOKENS['bob']}"}
+    jobs = [(headers, item.item_id, choice) for _ in range(3) for headers in (ALICE, bob) for item in server.items
+            for choice in (0, 1, "tie")]
+
+    def post(job) -> int:
+        headers, item, choice = job
+        return httpx.post(f"{server.base}/api/items/{item}/judgement", json={"choice": choice},
+                          headers=headers).status_code
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert set(pool.map(post, jobs)) == {200}
+    records, bad = read_log(Path(server.cfg.output_dir) / LOG_FILE)
+    assert bad == 0 and len(records) == len(jobs) == 54
+    # The reward-model file is exactly the latest judgement of each (annotator, item), in whatever order the
+    # requests landed.
+    latest = latest_by_key(records).values()
+    assert len(latest) == 6
+    expected = [row for record in latest for row in rm_rows(record)]
+    assert [json.loads(line) for line in (Path(server.cfg.output_dir) / FEEDBACK_FILE).read_text().splitlines()] \
+        == expected
