@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -41,11 +40,11 @@ def test_roles_are_placed_on_the_nodes_the_config_names(tmp_path):
 
 
 def test_asking_for_more_than_the_cluster_has_fails_fast(ray_cluster, tmp_path):
+    """The up-front checks answer (their messages, not the placement timeout's "not ready after ...")."""
     from rlhf_ray.stages.rlhf_roles import Roles
     from rlhf_ray.stages.sft import run_sft
 
     files = write_jsonl(make_rows(["sort"], 64, seed=1), tmp_path / "train.jsonl")
-    began = time.perf_counter()
     cfg = load_config(RLHFConfig, None, [f"data.train={files}", "run.max_steps=1", "learner.device=cuda",
                                          "learner.num_ranks=4", "learner.micro_batch_size=16",
                                          "learner.cpus_per_rank=0.25"])
@@ -55,4 +54,3 @@ def test_asking_for_more_than_the_cluster_has_fails_fast(ray_cluster, tmp_path):
                                         "learner.num_ranks=12", "learner.micro_batch_size=2"])
     with pytest.raises(PlacementError, match=r"sft-learner: needs 12 CPU \(12 x 1\) but the cluster has 6"):
         run_sft(sft)
-    assert time.perf_counter() - began < 60  # an error, not a wait for resources that never come

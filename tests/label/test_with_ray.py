@@ -29,7 +29,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_candidates_generated_by_the_tiny_model_through_vllm(ray_cluster, tmp_path, monkeypatch):
+def test_candidates_generated_by_the_tiny_model_through_vllm(ray_cluster, tmp_path):
     prompts = write_jsonl(make_rows(["sort"], 3, seed=1), tmp_path / "prompts.jsonl")
     cfg = label_config(tmp_path / "out", "mode=ranking", "model=tiny:tiny", f"prompts={prompts}",
                        "num_candidates=3", *GENERATOR)
@@ -40,14 +40,10 @@ def test_candidates_generated_by_the_tiny_model_through_vllm(ray_cluster, tmp_pa
     assert rows[0]["task"] == "sort" and "reference" in rows[0]  # the prompt row's fields travel along
     assert items and all(len(set(i.responses)) == len(i.responses) >= 2 for i in items)
 
-    # A restart shows the very same responses: read back, not sampled again.
-    import rlhf_ray.label.generate
-
-    def no_generation(*args, **kwargs):
-        raise AssertionError("generated again instead of reusing candidates.jsonl")
-
-    monkeypatch.setattr(rlhf_ray.label.generate, "generate_responses", no_generation)
+    # A restart shows the very same responses: read back, not sampled again (the file is not rewritten).
+    written = (tmp_path / "out" / "candidates.jsonl").stat().st_mtime_ns
     assert [i.item_id for i in load_items(cfg).items] == [i.item_id for i in items]
+    assert (tmp_path / "out" / "candidates.jsonl").stat().st_mtime_ns == written
     # Other settings while judgements of these responses exist: refused, not silently regenerated.
     store = JudgementStore(cfg.output_dir, cfg.mode)
     app = TestClient(create_app(cfg, items, store, TOKENS))

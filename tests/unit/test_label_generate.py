@@ -1,20 +1,18 @@
 """Generated candidates without Ray: what is generated for which mode, the files written, reuse on restart,
-and the errors. `generate_responses` (the vLLM part, tested with Ray in tests/label) is replaced by a stub."""
+and the errors, without Ray: generated files are written here exactly as `ensure_generated` leaves them (the
+generation itself, through the real vLLM generator, is tested in tests/label/test_with_ray.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-import rlhf_ray.distributed.runtime
-import rlhf_ray.label.generate as generate
 from rlhf_ray.config import LabelConfig
 from rlhf_ray.config_loader import ConfigError, load_config
-from rlhf_ray.data.errors import DataError
-from rlhf_ray.label.generate import GenerationJob, generation_jobs
+from rlhf_ray.label.generate import GenerationJob, candidate_rows, generation_jobs, job_key, read_prompt_rows
 from rlhf_ray.label.items import load_items
 from rlhf_ray.label.store import LOG_FILE
 
@@ -30,22 +28,6 @@ def prompts(tmp_path) -> str:
     return str(path)
 
 
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    """Answers "<model> <prompt number>.<sample>", except the answers listed in `empty`; counts calls."""
-    calls = []
-    empty: set[tuple[str, int]] = set()
-
-    def fake(job, rows, cfg):
-        calls.append(job.name)
-        return [[("" if (job.model, i) in empty else f"{job.model} {i}.{s}") for s in range(job.n)]
-                for i in range(len(rows))]
-
-    monkeypatch.setattr(generate, "generate_responses", fake)
-    monkeypatch.setattr(rlhf_ray.distributed.runtime, "ray_session", lambda *a, **k: contextlib.nullcontext())
-    return calls, empty
-
-
 def config(tmp_path: Path, *overrides: str) -> LabelConfig:
     return load_config(LabelConfig, None, [f"output_dir={tmp_path / 'out'}", *overrides])
 
@@ -58,45 +40,58 @@ def test_jobs_per_mode(tmp_path, prompts):
     assert generation_jobs(config(tmp_path, "candidates=c.jsonl")) == []
 
 
-def test_k_candidates_per_prompt_are_written_then_reused(tmp_path, prompts, fake_vllm):
-    calls, empty = fake_vllm
-    empty.add(("m", 1))  # prompt 1 gets only empty answers
+def write_generated(cfg: LabelConfig, job: GenerationJob, rows: list[dict]) -> Path:
+    """A generated file and its settings record, exactly as `ensure_generated` leaves them."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{job.name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.with_name(f"{job.name}.meta.json").write_text(json.dumps(job_key(job, cfg)))
+    return path
+
+
+def test_candidate_rows_keep_the_prompt_fields_and_leave_out_empty_answers(tmp_path, prompts):
     cfg = config(tmp_path, "mode=ranking", "model=m", f"prompts={prompts}", "num_candidates=3")
-    found = load_items(cfg)
-    rows = [json.loads(line) for line in (tmp_path / "out" / "candidates.jsonl").read_text().splitlines()]
-    assert [r["prompt"] for r in rows] == ["sort\ncab", [{"role": "system", "content": "be kind"},
-                                                         {"role": "user", "content": "hi"}]]
-    assert rows[0] == {"prompt": "sort\ncab", "responses": ["m 0.0", "m 0.1", "m 0.2"], "instruction": "sort",
-                       "input": "cab", "task": "sort", "reference": "abc"}  # the prompt row's fields travel along
-    assert [i.responses for i in found.items] == [("m 0.0", "m 0.1", "m 0.2"), ("m 2.0", "m 2.1", "m 2.2")]
-    assert json.loads((tmp_path / "out" / "candidates.meta.json").read_text())["model"] == "m"
-    assert load_items(cfg).items == found.items and calls == ["candidates"]  # reused, not generated again
-    # Other settings, no judgements yet: generated afresh.
-    load_items(config(tmp_path, "mode=ranking", "model=m", f"prompts={prompts}", "num_candidates=2"))
-    assert calls == ["candidates", "candidates"]
+    rows = read_prompt_rows(cfg)
+    dropped: Counter[str] = Counter()
+    job = GenerationJob("candidates", "m", 3, False)
+    written = candidate_rows(job, rows, [["a", "", "b"], [" ", ""], None], dropped)
+    assert written == [{"prompt": "sort\ncab", "responses": ["a", "b"], "instruction": "sort", "input": "cab",
+                        "task": "sort", "reference": "abc"}]  # the prompt row's fields travel along
+    assert dropped == {"empty response": 3, "prompt left out: no non-empty response": 1,
+                       "prompt longer than max_prompt_length": 1}
+    side = candidate_rows(GenerationJob("answers_a", "m", 1, True), rows[:1], [["x"]], Counter())
+    assert side == [{"prompt": "sort\ncab", "response": "x", "instruction": "sort", "input": "cab",
+                     "task": "sort", "reference": "abc"}]
+
+
+def test_generated_candidates_are_reused_and_not_replaced_under_judgements(tmp_path, prompts):
+    cfg = config(tmp_path, "mode=ranking", "model=tiny:tiny", f"prompts={prompts}", "num_candidates=3")
+    (job,) = generation_jobs(cfg)
+    path = write_generated(cfg, job, [{"prompt": "sort\ncab", "responses": ["abc", "acb", "cab"]}])
+    before = path.stat().st_mtime_ns
+    found = load_items(cfg)  # current settings: read back, nothing generated (no Ray here)
+    assert [i.responses for i in found.items] == [("abc", "acb", "cab")]
+    assert path.stat().st_mtime_ns == before
     (tmp_path / "out" / LOG_FILE).write_text('{"some": "judgement"}\n')
     with pytest.raises(ConfigError, match="generated with other settings .* holds judgements"):
-        load_items(cfg)
+        load_items(config(tmp_path, "mode=ranking", "model=tiny:tiny", f"prompts={prompts}", "num_candidates=2"))
 
 
-def test_ab_answers_of_two_models_are_joined(tmp_path, prompts, fake_vllm):
-    calls, empty = fake_vllm
-    empty.add(("tiny:tiny@1", 2))
+def test_ab_answers_of_two_models_are_joined(tmp_path, prompts):
     cfg = config(tmp_path, "mode=ab", "ab.model_a=tiny:tiny", "ab.model_b=tiny:tiny@1", f"prompts={prompts}",
                  "ab.name_a=rlhf", "ab.name_b=sft", "max_items=3")
+    job_a, job_b = generation_jobs(cfg)
+    write_generated(cfg, job_a, [{"prompt": "sort\ncab", "response": "abc"}, {"prompt": "hello", "response": "hi"},
+                                 {"prompt": "later", "response": "x"}])
+    write_generated(cfg, job_b, [{"prompt": "sort\ncab", "response": "acb"}, {"prompt": "hello", "response": "yo"}])
     found = load_items(cfg)
-    assert calls == ["answers_a", "answers_b"]
-    assert [(i.prompt, i.responses, i.models) for i in found.items] == [
-        ("sort\ncab", ("tiny:tiny 0.0", "tiny:tiny@1 0.0"), ("rlhf", "sft")),
-        ("hello", ("tiny:tiny 1.0", "tiny:tiny@1 1.0"), ("rlhf", "sft"))]
+    assert sorted((i.prompt, dict(zip(i.models, i.responses))["rlhf"], dict(zip(i.models, i.responses))["sft"])
+                  for i in found.items) == [("hello", "hi", "yo"), ("sort\ncab", "abc", "acb")]
     assert found.skipped == {"prompt answered by rlhf only": 1}
 
 
-def test_a_model_that_answers_nothing_and_a_missing_model_directory(tmp_path, prompts, fake_vllm):
-    _, empty = fake_vllm
-    empty.update({("m", 0), ("m", 1), ("m", 2)})
-    with pytest.raises(DataError, match="m gave no non-empty response to any prompt"):
-        load_items(config(tmp_path, "mode=rating", "model=m", f"prompts={prompts}"))
+def test_a_missing_model_directory_is_named_before_anything_starts(tmp_path, prompts):
     (tmp_path / "runs").mkdir()
     missing = str(tmp_path / "runs" / "sft" / "model")
     with pytest.raises(ConfigError, match=f"ab.model_b: model directory {missing} does not exist"):
