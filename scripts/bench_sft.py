@@ -110,7 +110,7 @@ def main() -> None:
     # This machine's speed drifts by tens of percent between minutes (a shared VM): measure the baseline
     # again at the end, and compare against the mean of both.
     plain_again = plain_in_fresh_process()
-    rows.insert(1, (f"plain torch again (after the others)", plain_again))
+    rows.insert(1, ("plain torch again (after the others)", plain_again))
     plain = (plain + plain_again) / 2
 
     print(f"\nSFT throughput: tiny:{args.preset}, global batch {args.global_batch}, fp32, "
