@@ -30,7 +30,13 @@ from starlette.concurrency import run_in_threadpool
 from rlhf_ray.config import LabelConfig, LabelServerConfig, check_annotator_tokens
 from rlhf_ray.config_loader import ConfigError
 from rlhf_ray.label.items import LabelItem, display_order, prompt_messages
-from rlhf_ray.label.judgements import JudgementError, check_judgement, make_record, parse_body, shown_judgement
+from rlhf_ray.label.judgements import (
+    JudgementError,
+    check_judgement,
+    make_record,
+    parse_body,
+    shown_judgement,
+)
 from rlhf_ray.label.store import JudgementStore
 
 SECURITY_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",

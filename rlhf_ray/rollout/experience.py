@@ -103,7 +103,8 @@ def build_experience(rollouts: pa.Table, ref_logprobs: list[list[float]], reward
     return table, stats
 
 
-def write_rollouts(path: Path, rollouts: pa.Table, experience: pa.Table, kl_per_token: Sequence[Sequence[float]]) -> None:
+def write_rollouts(path: Path, rollouts: pa.Table, experience: pa.Table,
+                   kl_per_token: Sequence[Sequence[float]]) -> None:
     """One step's samples as Parquet (decoded text, score, KL, length) for inspection."""
     table = pa.table({
         "prompt": rollouts.column("prompt_text"), "response": rollouts.column("response_text"),

@@ -11,9 +11,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from rlhf_ray.config_loader import ConfigError, save_config
 
@@ -157,3 +158,32 @@ class PhaseTimer:
         out = {f"time/{k}": v for k, v in self.seconds.items()}
         self.seconds = {}
         return out
+
+
+def run_steps(name: str, run: Any, start: int, steps: int, step: Callable[[int], dict[str, Any]],
+              evaluate: Callable[[int], dict[str, Any]], checkpoint: Callable[[int], None],
+              logger: MetricsLogger, postfix: Callable[[dict[str, Any]], dict[str, str]]) -> dict[str, Any]:
+    """The step loop every stage shares: train steps `start..steps` with a progress bar; log, evaluate and
+    checkpoint on `run`'s schedule; checkpoint on Ctrl-C; at the end checkpoint and return the final eval."""
+    current = start
+    bar = tqdm(total=steps, initial=start, desc=name, unit="step", dynamic_ncols=True)
+    try:
+        while current < steps:
+            metrics = step(current)
+            current += 1
+            bar.update(1)
+            bar.set_postfix(**postfix(metrics))
+            if current % run.log_every == 0 or current == steps:
+                logger.log(current, metrics)
+            if run.eval_every and current % run.eval_every == 0 and current < steps:
+                evaluate(current)
+            if run.save_every and current % run.save_every == 0 and current < steps:
+                checkpoint(current)
+    except KeyboardInterrupt:
+        tqdm.write(f"[{name}] interrupted: checkpointing step {current}; run.resume=auto continues")
+        checkpoint(current)
+        raise
+    finally:
+        bar.close()
+    checkpoint(current)
+    return evaluate(current)

@@ -35,6 +35,7 @@ from rlhf_ray.stages.common import (
     RunDir,
     StepSampler,
     read_trainer_state,
+    run_steps,
 )
 from rlhf_ray.stages.rlhf_roles import Roles, needed_cpus
 from rlhf_ray.stages.rlhf_tasks import concat_tables, make_experience, summarize_eval
@@ -85,28 +86,8 @@ class RLHFLoop:
                 start = self.restore(resume_from)
             elif cfg.eval.at_start:
                 self.evaluate(0)
-            bar = tqdm(total=cfg.run.max_steps, initial=start, desc="rlhf", unit="step", dynamic_ncols=True)
-            step = start
-            try:
-                while step < cfg.run.max_steps:
-                    metrics = self.step(step)
-                    step += 1
-                    bar.update(1)
-                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.3f}")
-                    if step % cfg.run.log_every == 0 or step == cfg.run.max_steps:
-                        self.logger.log(step, metrics)
-                    if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.max_steps:
-                        self.evaluate(step)
-                    if cfg.run.save_every and step % cfg.run.save_every == 0 and step < cfg.run.max_steps:
-                        self.checkpoint(step)
-            except KeyboardInterrupt:
-                tqdm.write(f"[rlhf] interrupted: checkpointing step {step}; run.resume=auto continues")
-                self.checkpoint(step)
-                raise
-            finally:
-                bar.close()
-            self.checkpoint(step)
-            final = self.evaluate(step)
+            final = run_steps("rlhf", cfg.run, start, cfg.run.max_steps, self.step, self.evaluate, self.checkpoint,
+                              self.logger, lambda m: {"reward": f"{m['reward/mean']:.3f}", "kl": f"{m['kl']:.3f}"})
             model_dir = Path(self.roles.learners.save_model(self.run_dir.model))
             if self.roles.critic is not None:
                 self.roles.critic.save_model(self.run_dir.path / "critic")

@@ -24,6 +24,7 @@ from rlhf_ray.stages.common import (
     RunDir,
     StepSampler,
     read_trainer_state,
+    run_steps,
     total_steps,
 )
 
@@ -99,30 +100,9 @@ class _Loop:
     run_dir: RunDir
 
     def train(self, start: int, steps: int) -> dict[str, Any]:
-        run = self.cfg.run
-        step = start
-        bar = tqdm(total=steps, initial=start, desc=self.plan.name, unit="step", dynamic_ncols=True)
-        try:
-            while step < steps:
-                metrics = self.step(step)
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                tok_s=f"{metrics['tokens_per_s']:.0f}")
-                if step % run.log_every == 0 or step == steps:
-                    self.logger.log(step, metrics)
-                if run.eval_every and step % run.eval_every == 0 and step < steps:
-                    self.evaluate(step)
-                if run.save_every and step % run.save_every == 0 and step < steps:
-                    self.checkpoint(step)
-        except KeyboardInterrupt:
-            tqdm.write(f"[{self.plan.name}] interrupted: checkpointing step {step}; run.resume=auto continues")
-            self.checkpoint(step)
-            raise
-        finally:
-            bar.close()
-        self.checkpoint(step)
-        return self.evaluate(step)
+        return run_steps(self.plan.name, self.cfg.run, start, steps, self.step, self.evaluate, self.checkpoint,
+                         self.logger, lambda m: {"loss": f"{m['loss']:.4f}", "lr": f"{m['lr']:.2e}",
+                                                 "tok_s": f"{m['tokens_per_s']:.0f}"})
 
     def step(self, step: int) -> dict[str, Any]:
         began = time.perf_counter()
