@@ -235,8 +235,10 @@ class RMConfig:
 class PromptDataConfig:
     train: str = doc("RLHF prompts: rows {prompt}, {instruction, input?, output?} or {messages}; a file "
                      "(.jsonl/.json/.parquet) or a `datasets` name. Extra fields reach reward functions.", "")
-    eval: Optional[str] = doc("Held-out prompts for evaluation; null evaluates on the first training prompts.",
-                              None)
+    eval: Optional[str] = doc("Held-out prompts for evaluation; null holds out eval_fraction of train (seeded "
+                              "by run.seed; those prompts are never trained on).", None)
+    eval_fraction: float = doc("Share of train prompts held out for evaluation when eval is null (at most "
+                               "max_eval_prompts of them, at least one).", 0.05, gt=0.0, lt=1.0)
     max_eval_prompts: int = doc("Held-out prompts answered (greedily) at each evaluation.", 64, ge=1)
     max_prompt_length: int = doc("Prompts longer than this many tokens are left out and counted.", 256, ge=1)
     split: str = doc("Split to read when train/eval name a `datasets` dataset.", "train")
@@ -257,7 +259,8 @@ class RewardConfig:
     normalize: bool = doc("Standardise the reward model's score with the mean/std saved with it "
                           "(reward_stats.json).", True)
     functions: tuple[RewardFunctionConfig, ...] = doc(
-        "Rule-based rewards, e.g. [{path: rlhf_ray.rewards.tasks:task_score, weight: 1.0}].", ())
+        "Rule-based rewards, e.g. [{path: my_package.rewards:is_correct, weight: 1.0}]; none by default "
+        "(rlhf_ray.rewards.tasks:task_score grades only the synthetic demo tasks).", ())
     clip: Optional[float] = doc("Clip the summed score to [-clip, clip]; null: no clipping.", None, gt=0.0)
     num_actors: int = doc("Reward actors; rollouts are sharded across them.", 1, ge=1)
     cpus_per_actor: float = doc("CPUs reserved per reward actor.", 0.5, gt=0.0)
@@ -266,9 +269,11 @@ class RewardConfig:
     resources_per_actor: dict[str, float] = doc("Custom Ray resources each reward actor also reserves.",
                                                 default_factory=dict)
 
-    def __post_init__(self):
+    def require_source(self) -> None:
+        """A run needs something to score with; checked when the run starts (a pipeline fills in `model`)."""
         if self.model is None and not self.functions:
-            raise ConfigError("reward: give reward.model (a reward model directory) and/or reward.functions")
+            raise ConfigError("reward: give reward.model (a reward model directory) and/or reward.functions "
+                              "(import paths of rule-based reward functions)")
 
 
 @dataclass(frozen=True)
@@ -332,9 +337,8 @@ class RLHFConfig:
     policy: ModelConfig = doc("The policy to train (usually the SFT model).", default_factory=ModelConfig)
     data: PromptDataConfig = doc("Prompts.", default_factory=PromptDataConfig)
     generator: GeneratorConfig = doc("vLLM generators.", default_factory=GeneratorConfig)
-    reward: RewardConfig = doc("Reward model and/or rule-based reward functions.",
-                               default_factory=lambda: RewardConfig(functions=(RewardFunctionConfig(
-                                   "rlhf_ray.rewards.tasks:task_score"),)))
+    reward: RewardConfig = doc("Reward model and/or rule-based reward functions (at least one).",
+                               default_factory=RewardConfig)
     reference: ReferenceConfig = doc("Reference policy actors.", default_factory=ReferenceConfig)
     algorithm: AlgorithmConfig = doc("Advantages, losses, KL.", default_factory=AlgorithmConfig)
     learner: LearnerConfig = doc("The policy's DeepSpeed learner group.", default_factory=LearnerConfig)
@@ -349,6 +353,12 @@ class RLHFConfig:
             raise ConfigError("data.train: required; name a prompts file or a `datasets` name")
         if self.run.max_steps < 1:
             raise ConfigError("run.max_steps: RLHF runs by steps; set run.max_steps >= 1")
+        if self.generator.top_p < 1.0:
+            # vLLM's logprobs and the learner's would then describe different distributions (the learner cannot
+            # renormalise over a nucleus it never saw), so the PPO ratio and KL would refer to another policy.
+            raise ConfigError(f"generator.top_p={self.generator.top_p:g}: RLHF samples from the full distribution "
+                              "(top_p must be 1.0) so that the learner's logprobs are those of the sampling policy; "
+                              "use generator.temperature to sharpen it")
         self._check_split(self.learner, "learner")
         if self.algorithm.advantage == "gae":  # the critic trains on the same minibatches
             self._check_split(self.critic.learner, "critic.learner")
@@ -381,6 +391,10 @@ class PipelineConfig:
     rlhf: RLHFConfig = doc("The RLHF stage; policy.path (and reward.model, with an rm stage) are filled in.")
     rm: Optional[RMConfig] = doc("The reward-model stage; null skips it (rule rewards only).", None)
     rm_from_sft: bool = doc("Start the reward model from the SFT model instead of rm.model.path.", False)
+
+    def __post_init__(self):
+        if self.rm is None:  # with an rm stage, its model becomes rlhf.reward.model
+            self.rlhf.reward.require_source()
 
 
 LABEL_MODES = ("pairwise", "rating", "ranking", "ab")

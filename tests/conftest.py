@@ -49,7 +49,8 @@ def ray_cluster():
 
     temp_dir = Path(tempfile.gettempdir()) / "rlhf_ray_tests" / uuid.uuid4().hex[:8]
     temp_dir.mkdir(parents=True)
-    ray.init(address="local", num_cpus=6, include_dashboard=False, _temp_dir=str(temp_dir),
-             runtime_env={"env_vars": worker_env_vars("cpu")}, log_to_driver=False)
+    # rollout_node/train_node: the custom resources the 2-node GPU preset pins its roles with.
+    ray.init(address="local", num_cpus=6, resources={"rollout_node": 8, "train_node": 8}, include_dashboard=False,
+             _temp_dir=str(temp_dir), runtime_env={"env_vars": worker_env_vars("cpu")}, log_to_driver=False)
     yield ray
     ray.shutdown()

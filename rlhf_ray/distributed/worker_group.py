@@ -166,6 +166,25 @@ def check_total(needs: dict[str, dict[str, float]]) -> None:
                                  f"{total.get(resource, 0):g}; cluster: {describe_resources()}")
 
 
+def pack_bundles(specs: list[GroupSpec], nodes: list[dict[str, float]]) -> list[str]:
+    """Place every bundle of `specs` on `nodes` (resource dicts, e.g. {"GPU": 8, "train_node": 8}), largest GPU
+    demand first, each on the first node with room; returns what did not fit ("role: bundle"), empty when all
+    fit. A plan check for configs (Ray's own placement is what runs), so a preset can be checked against the
+    cluster shape it names without that cluster."""
+    free = [dict(node) for node in nodes]
+    bundles = [(spec.name, bundle) for spec in specs for bundle in spec.bundles()]
+    bundles.sort(key=lambda item: -item[1].get("GPU", 0.0))
+    unplaced = []
+    for name, bundle in bundles:
+        node = next((n for n in free if all(n.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())), None)
+        if node is None:
+            unplaced.append(f"{name}: {_fmt(bundle)}")
+            continue
+        for key, value in bundle.items():
+            node[key] -= value
+    return unplaced
+
+
 def check_fits(spec: GroupSpec) -> None:
     """Fail at once when the cluster lacks what `spec` needs (not wait forever): in all, and per worker on
     one node (a worker's bundle never spans nodes, e.g. a tensor-parallel engine's GPUs)."""

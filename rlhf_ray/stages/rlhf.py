@@ -19,12 +19,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import pyarrow as pa
 import ray
 from tqdm.auto import tqdm
 
 from rlhf_ray.algorithms.kl import make_kl_controller
+from rlhf_ray.algorithms.logprobs import scoring_temperature
 from rlhf_ray.config import RLHFConfig
+from rlhf_ray.config_loader import ConfigError
 from rlhf_ray.data.prompts import load_prompts
+from rlhf_ray.data.sft import split_eval
 from rlhf_ray.distributed.runtime import ray_session
 from rlhf_ray.models.loading import load_tokenizer
 from rlhf_ray.rewards import load_reward_function
@@ -43,16 +47,11 @@ from rlhf_ray.stages.supervised import StageResult
 
 
 def run_rlhf(cfg: RLHFConfig) -> StageResult:
+    cfg.reward.require_source()
     tokenizer = load_tokenizer(cfg.policy)
     for fn in cfg.reward.functions:  # fail on a bad import path before any actor starts
         load_reward_function(fn.path)
-    prompts, stats = load_prompts(cfg.data.train, tokenizer, cfg.data.max_prompt_length, cfg.data.skip_invalid,
-                                  cfg.data.split)
-    if cfg.data.eval:
-        eval_prompts, _ = load_prompts(cfg.data.eval, tokenizer, cfg.data.max_prompt_length,
-                                       cfg.data.skip_invalid, cfg.data.split, limit=cfg.data.max_eval_prompts)
-    else:
-        eval_prompts = prompts.slice(0, cfg.data.max_eval_prompts)
+    prompts, eval_prompts, stats = load_prompt_splits(cfg, tokenizer)
     tqdm.write(f"[rlhf] prompts: {json.dumps(stats)}; eval prompts: {eval_prompts.num_rows}")
     run_dir = RunDir(cfg.run.output_dir, cfg.run.name)
     resume_from = run_dir.prepare(cfg, cfg.run.resume)
@@ -64,6 +63,23 @@ def run_rlhf(cfg: RLHFConfig) -> StageResult:
             return loop.run(resume_from)
         finally:
             roles.shutdown()
+
+
+def load_prompt_splits(cfg: RLHFConfig, tokenizer: Any) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+    """(train prompts, held-out prompts, load stats). Without `data.eval`, a seeded `data.eval_fraction` of the
+    training prompts is held out and never trained on."""
+    data = cfg.data
+    prompts, stats = load_prompts(data.train, tokenizer, data.max_prompt_length, data.skip_invalid, data.split)
+    if data.eval:
+        eval_prompts, _ = load_prompts(data.eval, tokenizer, data.max_prompt_length, data.skip_invalid, data.split,
+                                       limit=data.max_eval_prompts)
+        return prompts, eval_prompts, stats
+    train_rows, eval_rows = split_eval(prompts.num_rows, data.eval_fraction, data.max_eval_prompts, cfg.run.seed)
+    if not eval_rows:
+        raise ConfigError(f"data.eval is null and {data.train} has {prompts.num_rows} prompt(s): too few to hold "
+                          "any out for evaluation; give data.eval")
+    stats["held_out_for_eval"] = len(eval_rows)
+    return prompts.take(train_rows), prompts.take(eval_rows), stats
 
 
 class RLHFLoop:
@@ -160,7 +176,9 @@ class RLHFLoop:
         parts = roles.generators.generate(self.eval_ref, rows, 1, 0.0, 1.0, self.cfg.generator.max_new_tokens,
                                           seed=self.cfg.run.seed)
         rollouts = concat_tables.remote(*parts)
-        ref_parts, reward_parts, _, _ = roles.score(rollouts, len(rows), policy=False)
+        # Greedy logprobs come from vLLM untempered: the reference scores them at temperature 1 too.
+        ref_parts, reward_parts, _, _ = roles.score(rollouts, len(rows), policy=False,
+                                                    temperature=scoring_temperature(0.0))
         metrics, samples = ray.get(summarize_eval.remote(rollouts, ref_parts, reward_parts,
                                                           self.cfg.algorithm.kl_estimator, self.cfg.eval.num_print))
         for prompt, response, score in samples:

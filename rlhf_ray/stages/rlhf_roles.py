@@ -12,7 +12,9 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.algorithms.advantages import needs_critic
-from rlhf_ray.config import ModelConfig, RLHFConfig
+from rlhf_ray.algorithms.logprobs import scoring_temperature
+from rlhf_ray.config import LearnerConfig, ModelConfig, RLHFConfig
+from rlhf_ray.config_loader import ConfigError
 from rlhf_ray.distributed.runtime import cluster_device, worker_env_vars
 from rlhf_ray.distributed.weight_transfer import WeightSync
 from rlhf_ray.distributed.worker_group import GroupSpec, check_total, reserve
@@ -21,24 +23,60 @@ from rlhf_ray.roles.learner import LearnerGroup
 from rlhf_ray.roles.scorers import ReferenceActor, RewardActor
 
 
-def role_resources(cfg: RLHFConfig, device: str) -> dict[str, dict[str, float]]:
-    """What each role reserves, for the up-front check against the cluster."""
+def learner_spec(learner: LearnerConfig, name: str, device: str) -> GroupSpec:
+    """The placement of one DeepSpeed learner group (policy, critic, or a supervised stage's learner)."""
+    return GroupSpec(name=name, num_workers=learner.num_ranks, cpus_per_worker=learner.cpus_per_rank,
+                     gpus_per_worker=learner.gpus_per_rank if device == "cuda" else 0.0,
+                     strategy=learner.placement_strategy, resources=tuple(sorted(learner.resources_per_rank.items())))
+
+
+def role_specs(cfg: RLHFConfig, device: str) -> dict[str, GroupSpec]:
+    """What every role of the run reserves: one `GroupSpec` (bundles of CPU/GPU/custom resources) per role."""
     gpu = device == "cuda"
-    needs = {
-        "policy learner": {"CPU": cfg.learner.num_ranks * cfg.learner.cpus_per_rank,
-                           "GPU": cfg.learner.num_ranks * cfg.learner.gpus_per_rank * gpu},
-        "generators": {"CPU": cfg.generator.num_engines * cfg.generator.cpus_per_engine,
-                       "GPU": cfg.generator.num_engines * cfg.generator.tensor_parallel_size * gpu},
-        "reference": {"CPU": cfg.reference.num_actors * cfg.reference.cpus_per_actor,
-                      "GPU": cfg.reference.num_actors * cfg.reference.gpus_per_actor * gpu},
-        "reward": {"CPU": cfg.reward.num_actors * cfg.reward.cpus_per_actor,
-                   "GPU": cfg.reward.num_actors * cfg.reward.gpus_per_actor * gpu},
+    gen, ref, rew = cfg.generator, cfg.reference, cfg.reward
+    specs = {
+        "policy learner": learner_spec(cfg.learner, "policy-learner", device),
+        "generators": GroupSpec("generator", gen.num_engines, gen.cpus_per_engine,
+                                gen.tensor_parallel_size if gpu else 0.0,
+                                resources=tuple(sorted(gen.resources_per_engine.items()))),
+        "reference": GroupSpec("reference", ref.num_actors, ref.cpus_per_actor, ref.gpus_per_actor if gpu else 0.0,
+                               resources=tuple(sorted(ref.resources_per_actor.items()))),
+        "reward": GroupSpec("reward", rew.num_actors, rew.cpus_per_actor, rew.gpus_per_actor if gpu else 0.0,
+                            resources=tuple(sorted(rew.resources_per_actor.items()))),
     }
     if needs_critic(cfg.algorithm.advantage):
-        critic = cfg.critic.learner
-        needs["critic"] = {"CPU": critic.num_ranks * critic.cpus_per_rank,
-                           "GPU": critic.num_ranks * critic.gpus_per_rank * gpu}
+        specs["critic"] = learner_spec(cfg.critic.learner, "critic", device)
+    return specs
+
+
+def role_resources(cfg: RLHFConfig, device: str) -> dict[str, dict[str, float]]:
+    """What each role reserves in all, for the up-front check against the cluster."""
+    needs: dict[str, dict[str, float]] = {}
+    for role, spec in role_specs(cfg, device).items():
+        totals: dict[str, float] = {"CPU": 0.0, "GPU": 0.0}
+        for bundle in spec.bundles():
+            for key in ("CPU", "GPU"):
+                totals[key] += bundle.get(key, 0.0)
+        needs[role] = totals
     return needs
+
+
+def check_gpu_shares(cfg: RLHFConfig, device: str) -> None:
+    """On CUDA every model-holding scorer needs a GPU share of its own reservation.
+
+    Ray 2.60 does not hide the GPUs from an actor that reserved none (CUDA_VISIBLE_DEVICES stays unset), so
+    such an actor's `.to("cuda")` would land on physical GPU 0, which a learner rank or a vLLM engine owns.
+    """
+    if device != "cuda":
+        return
+    holders = [("reference.gpus_per_actor", cfg.reference.gpus_per_actor, "the reference policy")]
+    if cfg.reward.model:
+        holders.append(("reward.gpus_per_actor", cfg.reward.gpus_per_actor, "the reward model"))
+    for key, gpus, what in holders:
+        if gpus <= 0:
+            raise ConfigError(f"{key}=0 on a CUDA run: the actor holding {what} would use GPU 0 without "
+                              f"reserving it (where a learner or vLLM engine runs); give it a share, e.g. "
+                              f"{key}=0.25 to colocate it with other roles on one GPU")
 
 
 def needed_cpus(cfg: RLHFConfig) -> int:
@@ -81,13 +119,16 @@ class Roles:
     @classmethod
     def create(cls, cfg: RLHFConfig) -> "Roles":
         device = cluster_device(cfg.learner.device)
+        check_gpu_shares(cfg, device)
         check_total(role_resources(cfg, device))
         algo = cfg.algorithm
         updates = cfg.run.max_steps * algo.ppo_epochs * algo.num_minibatches
         env = {"env_vars": worker_env_vars(device)}
         policy_opts = {"clip_eps": algo.clip_eps, "dual_clip": algo.dual_clip, "aggregation": algo.loss_aggregation,
                        "entropy_coef": algo.entropy_coef, "kl_in_loss": algo.kl_in == "loss",
-                       "kl_estimator": algo.kl_estimator}
+                       "kl_estimator": algo.kl_estimator,
+                       # The learner and the reference score tokens under the distribution vLLM sampled from.
+                       "temperature": scoring_temperature(cfg.generator.temperature)}
         learners = LearnerGroup(cfg.policy, _rl_learner(cfg, cfg.learner), "policy", updates, cfg.run.seed, device,
                                 runtime_env=env, name="policy-learner", objective_options=policy_opts)
         critic = None
@@ -102,16 +143,21 @@ class Roles:
         ref_model = replace(cfg.policy, path=cfg.reference.path or cfg.policy.path, gradient_checkpointing=False)
         r = cfg.reference
         ref_pg, reference = _actors(ReferenceActor, "reference", r.num_actors, r.cpus_per_actor, r.gpus_per_actor,
-                                    r.resources_per_actor, device, ref_model, r.micro_batch_size, device)
+                                    r.resources_per_actor, device, ref_model, r.micro_batch_size, device,
+                                    policy_opts["temperature"])
         w = cfg.reward
         reward_pg, reward = _actors(RewardActor, "reward", w.num_actors, w.cpus_per_actor, w.gpus_per_actor,
                                     w.resources_per_actor, device, w, cfg.policy.tokenizer or cfg.policy.path, device)
         sync = WeightSync(cfg.sync, learners, generators)
         return cls(generators, reference, reward, learners, critic, sync, [ref_pg, reward_pg])
 
-    def score(self, rollouts: ray.ObjectRef, n: int, policy: bool = True) -> tuple[list, list, list, Optional[list]]:
-        """Start every scorer on `rollouts` at once; returns refs (reference, reward, policy logprobs, values)."""
-        ref = [a.logprobs.remote(rollouts, rows) for a, rows in zip(self.reference, _shard(n, len(self.reference)))]
+    def score(self, rollouts: ray.ObjectRef, n: int, policy: bool = True,
+              temperature: Optional[float] = None) -> tuple[list, list, list, Optional[list]]:
+        """Start every scorer on `rollouts` at once; returns refs (reference, reward, policy logprobs, values).
+        `temperature`: the one the reference scores at when the rollouts were not sampled at the training
+        temperature (greedy evaluation: 1)."""
+        ref = [a.logprobs.remote(rollouts, rows, temperature)
+               for a, rows in zip(self.reference, _shard(n, len(self.reference)))]
         reward = [a.score.remote(rollouts, rows) for a, rows in zip(self.reward, _shard(n, len(self.reward)))]
         old = self.learners.response_logprobs(rollouts, n) if policy else []
         values = self.critic.response_values(rollouts, n) if policy and self.critic is not None else None

@@ -137,7 +137,9 @@ def test_a_failing_reward_function_is_named(sft_policy, tmp_path):
     from rlhf_ray.data.synthetic import write_jsonl
     from rlhf_ray.rewards import RewardFunctionError
 
-    prompts = write_jsonl([{"prompt": f"sort\n{w}"} for w in ("cab", "zyx", "mlk", "fed")], tmp_path / "p.jsonl")
+    # 5 rows: with data.eval null one is held out for evaluation, 4 remain for the step's 4 prompts.
+    prompts = write_jsonl([{"prompt": f"sort\n{w}"} for w in ("cab", "zyx", "mlk", "fed", "hgi")],
+                          tmp_path / "p.jsonl")
     # exact_match needs a reference answer in each prompt row; these rows have none.
     with pytest.raises(RewardFunctionError, match="rlhf_ray.rewards.tasks:exact_match raised ValueError"):
         run_rlhf(rlhf_config(sft_policy, "bad-reward", "algorithm.advantage=grpo", "run.max_steps=1",

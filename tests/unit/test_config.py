@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_ray.config import (STAGE_CONFIGS, DataConfig, LearnerConfig, RewardConfig, RewardFunctionConfig,
-                             RLHFConfig, RunConfig, SFTConfig)
+from rlhf_ray.config import (STAGE_CONFIGS, DataConfig, LearnerConfig, PipelineConfig, RewardConfig,
+                             RewardFunctionConfig, RLHFConfig, RunConfig, SFTConfig)
 from rlhf_ray.config_loader import ConfigError, config_help, load_config, parse_override, save_config, to_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -347,7 +347,8 @@ def test_rlhf_defaults_need_only_data_train_and_max_steps():
     assert cfg.run.max_steps == 3 and cfg.data.train == TRAIN
     assert cfg.rollouts_per_step == 64  # 16 prompts x 4 samples
     assert cfg.reward.model is None
-    assert [f.path for f in cfg.reward.functions] == ["rlhf_ray.rewards.tasks:task_score"]
+    # No reward function by default: the synthetic task checker raises on any prompt without a `task`.
+    assert cfg.reward.functions == ()
     assert cfg.algorithm.advantage == "gae" and cfg.algorithm.kl_in == "reward"
 
 
@@ -397,7 +398,20 @@ def test_rlhf_divisible_splits_load():
 
 def test_reward_needs_a_model_or_functions():
     with pytest.raises(ConfigError, match="reward.model .* and/or reward.functions"):
-        RewardConfig()
+        RewardConfig().require_source()
     with pytest.raises(ConfigError, match="reward.functions"):
-        rlhf("reward.functions=[]")
+        rlhf("reward.functions=[]").reward.require_source()
     assert rlhf("reward.functions=[]", "reward.model=runs/rm/model").reward.model == "runs/rm/model"
+    # A pipeline without an rm stage needs a rule reward up front; with one, the trained model is the reward.
+    sft = [f"sft.data.train={TRAIN}", f"rlhf.data.train={TRAIN}", "rlhf.run.max_steps=2"]
+    with pytest.raises(ConfigError, match="reward.functions"):
+        load_config(PipelineConfig, None, sft)
+    with_rm = load_config(PipelineConfig, None, [*sft, f"rm.data.train={TRAIN}"])
+    assert with_rm.rlhf.reward.functions == ()
+
+
+@pytest.mark.parametrize("top_p", [0.9, 0.5])
+def test_rlhf_refuses_nucleus_sampling(top_p):
+    with pytest.raises(ConfigError, match=r"generator\.top_p=.*must be 1\.0"):
+        rlhf(f"generator.top_p={top_p}")
+    assert rlhf("generator.top_p=1.0", "generator.temperature=0.7").generator.temperature == 0.7
