@@ -185,8 +185,25 @@ class GeneratorConfig:
     in_process: bool = doc("Run the engine inside its actor (VLLM_ENABLE_V1_MULTIPROCESSING=0): starts in "
                            "about 5 s instead of 30 s on CPU, and weight updates need no serialisation.", True)
     cpus_per_engine: float = doc("CPUs reserved per engine.", 1.0, gt=0.0)
+    gpus_per_engine: Optional[float] = doc("GPUs reserved per engine on CUDA; null: tensor_parallel_size. A "
+                                           "fraction (tensor_parallel_size 1 only) shares a GPU with other "
+                                           "roles; then lower gpu_memory_utilization to match.", None, gt=0.0)
     resources_per_engine: dict[str, float] = doc("Custom Ray resources each engine also reserves (node "
                                                  "placement).", default_factory=dict)
+    env_vars: dict[str, str] = doc("Extra environment variables of every engine actor (e.g. NCCL_* or VLLM_* "
+                                   "settings), over the ones rlhf_ray sets.", default_factory=dict)
+
+    def __post_init__(self):
+        gpus = self.gpus_per_engine
+        if gpus is not None and gpus != self.tensor_parallel_size and (gpus > 1 or self.tensor_parallel_size > 1):
+            raise ConfigError(f"generator.gpus_per_engine={gpus:g}: an engine with tensor_parallel_size="
+                              f"{self.tensor_parallel_size} needs exactly that many GPUs; only a "
+                              "tensor_parallel_size=1 engine may take a fraction of one GPU")
+
+    @property
+    def engine_gpus(self) -> float:
+        """GPUs each engine reserves on CUDA."""
+        return float(self.tensor_parallel_size if self.gpus_per_engine is None else self.gpus_per_engine)
 
 
 @dataclass(frozen=True)
@@ -198,6 +215,8 @@ class SyncConfig:
     verify: Literal["never", "first", "every"] = doc(
         "Compare a checksum of every engine's weights with the learner's after the first sync or every sync.",
         "first")
+    timeout_s: float = doc("Seconds a weight-sync collective (joining the group, each broadcast) may take before "
+                           "the run stops with an error instead of hanging on a lost peer.", 600.0, gt=0.0)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ def role_specs(cfg: RLHFConfig, device: str) -> dict[str, GroupSpec]:
     specs = {
         "policy learner": learner_spec(cfg.learner, "policy-learner", device),
         "generators": GroupSpec("generator", gen.num_engines, gen.cpus_per_engine,
-                                gen.tensor_parallel_size if gpu else 0.0,
+                                gen.engine_gpus if gpu else 0.0,
                                 resources=tuple(sorted(gen.resources_per_engine.items()))),
         "reference": GroupSpec("reference", ref.num_actors, ref.cpus_per_actor, ref.gpus_per_actor if gpu else 0.0,
                                resources=tuple(sorted(ref.resources_per_actor.items()))),

@@ -98,3 +98,22 @@ def test_a_model_holding_scorer_needs_a_gpu_share_on_cuda():
 def test_gpu_presets_give_scorers_their_own_gpu_share(path):
     cfg = load_config(STAGE_CONFIGS[path.stem.split("-")[0]], path)
     check_gpu_shares(cfg.rlhf if isinstance(cfg, PipelineConfig) else cfg, "cuda")
+
+
+def test_an_engine_may_take_a_fraction_of_one_gpu_only_without_tensor_parallelism():
+    cfg = _rlhf("generator.gpus_per_engine=0.5", "reference.gpus_per_actor=0.1", "learner.gpus_per_rank=0.4",
+                "algorithm.advantage=grpo")  # no critic
+    assert role_specs(cfg, "cuda")["generators"].bundles()[0]["GPU"] == 0.5
+    assert pack_bundles(list(role_specs(cfg, "cuda").values()), [{"GPU": 1, "CPU": 8}]) == []
+    assert _rlhf("generator.tensor_parallel_size=2").generator.engine_gpus == 2.0
+    with pytest.raises(ConfigError, match=r"generator\.gpus_per_engine=0\.5: an engine with tensor_parallel_size=2"):
+        _rlhf("generator.tensor_parallel_size=2", "generator.gpus_per_engine=0.5")
+
+
+def test_engine_env_vars_reach_the_engine_environment():
+    from rlhf_ray.roles.generator import generator_env_vars
+
+    cfg = _rlhf("generator.env_vars={NCCL_SOCKET_IFNAME: eth0, OMP_NUM_THREADS: 3}").generator
+    env = generator_env_vars(cfg, "cpu")
+    assert env["NCCL_SOCKET_IFNAME"] == "eth0" and env["OMP_NUM_THREADS"] == "3"  # the user's value wins
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
