@@ -150,18 +150,24 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * finite).sum(dim=-1)
 
 
-def kl_penalty_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: str) -> tuple[Tensor, Tensor]:
+def kl_penalty_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: str,
+                    aggregation: str = "token") -> tuple[Tensor, Tensor]:
     """KL to the reference policy as a loss term (GRPO's way, Shao et al. 2024, Eq. 3, there with k3),
-    instead of a penalty inside the reward: Σ over real tokens of `kl_estimate(logprobs, ref_logprobs)`.
+    instead of a penalty inside the reward: the per-token `kl_estimate(logprobs, ref_logprobs)` reduced by
+    `aggregation` exactly as the policy term is (module table), so that `kl_coef` weighs the two alike: with
+    "sequence", Σ over responses of the response's token mean, normalised by the number of responses (a
+    token sum over that count would scale the coefficient by the response length).
 
     Args:
         logprobs: [B, T] log π_θ, with gradient.
         ref_logprobs: [B, T] log π_ref.
         mask: [B, T].
         estimator: "k1" | "k2" | "k3".
+        aggregation: "token" | "sequence".
     Returns:
-        (kl_sum over real tokens, token count).
+        (kl_sum, count): token aggregation Σ over real tokens and the token count; sequence aggregation as
+        in the module table.
     """
     log_p = zero_padding(logprobs, mask)
     log_ref = zero_padding(ref_logprobs.to(log_p.dtype), mask)
-    return masked_sum(kl_estimate(log_p, log_ref, estimator), mask), masked_count(mask)
+    return aggregate(kl_estimate(log_p, log_ref, estimator), mask, aggregation)

@@ -6,12 +6,13 @@ return sums and counts (see `algorithms.losses`), so the learner can normalise b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol, Sequence
 
 import pyarrow as pa
 import torch
 
+from rlhf_ray.algorithms.logprobs import DEFAULT_CHUNK_ELEMENTS
 from rlhf_ray.algorithms.losses import (
     bradley_terry_loss,
     plackett_luce_loss,
@@ -28,6 +29,7 @@ from rlhf_ray.data.collate import (
     collate_rl,
     collate_sft,
 )
+from rlhf_ray.models.causal_lm import response_logprobs
 from rlhf_ray.models.loading import load_causal_lm, load_reward_model, load_value_model
 
 
@@ -36,6 +38,33 @@ class LossOutput:
     loss_sum: torch.Tensor   # scalar, differentiable
     count: torch.Tensor      # scalar: tokens (or sequences) the sum covers
     stats: dict[str, torch.Tensor]  # extra sums to report, each divided by the global count
+    # Per-token statistics (e.g. clip fraction), each divided by the global `token_count`, whatever `count` is.
+    token_stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    token_count: Optional[torch.Tensor] = None  # scalar: real tokens; needed when token_stats is not empty
+
+
+def accumulate(totals: dict[str, float], out: LossOutput) -> dict[str, float]:
+    """Add one micro-batch's sums into `totals` (flat keys, so one all-reduce of the values sums them all)."""
+    parts = {"loss": out.loss_sum, **{f"stat/{k}": v for k, v in out.stats.items()},
+             **{f"token_stat/{k}": v for k, v in out.token_stats.items()}}
+    if out.token_count is not None:
+        parts["token_count"] = out.token_count
+    for key, value in parts.items():
+        totals[key] = totals.get(key, 0.0) + float(value.detach())
+    return totals
+
+
+def step_metrics(totals: dict[str, float], count: float) -> dict[str, float]:
+    """Metrics of a step from `accumulate`d totals summed over every rank: the loss and `stats` divided by the
+    global `count` (tokens or sequences, by the objective), `token_stats` by the global token count."""
+    tokens = max(totals.get("token_count", 0.0), 1.0)
+    metrics = {"loss": totals.get("loss", 0.0) / max(count, 1.0)}
+    for key, value in totals.items():
+        if key.startswith("stat/"):
+            metrics[key.removeprefix("stat/")] = value / max(count, 1.0)
+        elif key.startswith("token_stat/"):
+            metrics[key.removeprefix("token_stat/")] = value / tokens
+    return metrics
 
 
 class Objective(Protocol):
@@ -128,28 +157,31 @@ class RewardObjective:
         return LossOutput(total, count, {"accuracy": correct.detach()})
 
 
-def response_logprobs_and_logits(model: torch.nn.Module, batch: RLBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B, T] log-probabilities of the response tokens, [B, L, V] logits) for an RLBatch."""
-    from rlhf_ray.algorithms.losses import next_token_logprobs
-
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return next_token_logprobs(logits, batch.input_ids).gather(1, batch.response_index), logits
-
-
 class PolicyObjective:
     """PPO-style clipped policy loss on experience rows, with optional entropy bonus and KL-in-loss.
 
     The advantage estimator (gae, grpo, rloo, reinforce++) only changes the `advantages` column; the loss is
     the same clipped surrogate for all (with one epoch and no stale data the ratio is 1 and it reduces to
     the plain policy gradient).
+
+    Log-probabilities are those of the sampling distribution, `log_softmax(logits / temperature)` (what the
+    generator samples from and reports), computed at response positions only, a chunk at a time
+    (`models.causal_lm.response_logprobs`). The entropy (of the same distribution) comes out of the same
+    chunks at the cost of one exp per logit: it is always reported, and differentiated only when
+    `entropy_coef` > 0. `clip_fraction`, `approx_kl` and `kl_loss` are per-token statistics: they are divided
+    by the global token count whatever the loss aggregation.
     """
 
     FIELDS = ("old_logprobs", "advantages", "ref_logprobs")
 
     def __init__(self, clip_eps: float = 0.2, dual_clip: float | None = None, aggregation: str = "token",
-                 entropy_coef: float = 0.0, kl_in_loss: bool = False, kl_estimator: str = "k1"):
+                 entropy_coef: float = 0.0, kl_in_loss: bool = False, kl_estimator: str = "k1",
+                 temperature: float = 1.0, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+        if temperature <= 0:
+            raise ValueError(f"policy temperature must be > 0 (score greedy rollouts at 1), got {temperature}")
         self.clip_eps, self.dual_clip, self.aggregation = clip_eps, dual_clip, aggregation
         self.entropy_coef, self.kl_in_loss, self.kl_estimator = entropy_coef, kl_in_loss, kl_estimator
+        self.temperature, self.chunk_elements = temperature, chunk_elements
 
     def load_model(self, cfg: ModelConfig, dtype: torch.dtype, tokenizer: Any) -> torch.nn.Module:
         return load_causal_lm(cfg, dtype)
@@ -166,33 +198,34 @@ class PolicyObjective:
     def num_tokens(self, batch: RLBatch) -> int:
         return int(batch.attention_mask.sum().item())
 
-    def loss(self, model: torch.nn.Module, batch: RLBatch, kl_coef: float = 0.0) -> LossOutput:
-        from rlhf_ray.algorithms.policy_loss import (
-            aggregate,
-            entropy_from_logits,
-            kl_penalty_loss,
-            ppo_policy_loss,
-        )
+    def response_logprobs(self, model: torch.nn.Module, batch: RLBatch,
+                          with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """([B, T] log p_T of the response tokens, [B, T] entropy of p_T or None), 0 on padding."""
+        return response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_index, batch.mask,
+                                 self.temperature, with_entropy, self.chunk_elements)
 
-        logprobs, logits = response_logprobs_and_logits(model, batch)
+    def loss(self, model: torch.nn.Module, batch: RLBatch, kl_coef: float = 0.0) -> LossOutput:
+        from rlhf_ray.algorithms.policy_loss import aggregate, kl_penalty_loss, ppo_policy_loss
+
+        logprobs, entropy = self.response_logprobs(model, batch, with_entropy=True)
         f = batch.fields
         out = ppo_policy_loss(logprobs, f["old_logprobs"], f["advantages"], batch.mask, self.clip_eps,
                               self.dual_clip, self.aggregation)
         total = out.loss_sum
-        entropy = entropy_from_logits(logits[:, :-1].detach() if self.entropy_coef == 0 else logits[:, :-1])
-        entropy_sum, _ = aggregate(entropy.gather(1, batch.response_index), batch.mask, self.aggregation)
+        entropy_sum, _ = aggregate(entropy if self.entropy_coef else entropy.detach(), batch.mask, self.aggregation)
         if self.entropy_coef:
             total = total - self.entropy_coef * entropy_sum
-        stats = {"clip_fraction": out.clip_fraction_sum.detach(), "approx_kl": out.approx_kl_sum.detach(),
-                 "entropy": entropy_sum.detach(), "policy_loss": out.loss_sum.detach()}
+        stats = {"entropy": entropy_sum.detach(), "policy_loss": out.loss_sum.detach()}
+        token_stats = {"clip_fraction": out.clip_fraction_sum.detach(), "approx_kl": out.approx_kl_sum.detach()}
         if self.kl_in_loss:
-            kl_sum, _ = kl_penalty_loss(logprobs, f["ref_logprobs"], batch.mask, self.kl_estimator)
+            kl_sum, _ = kl_penalty_loss(logprobs, f["ref_logprobs"], batch.mask, self.kl_estimator, self.aggregation)
             total = total + kl_coef * kl_sum
-            stats["kl_loss"] = kl_sum.detach()
-        return LossOutput(total, torch.tensor(float(self.count(batch))), stats)
+            token_stats["kl_loss"] = kl_penalty_loss(logprobs.detach(), f["ref_logprobs"], batch.mask,
+                                                     self.kl_estimator)[0]
+        return LossOutput(total, torch.tensor(float(self.count(batch))), stats, token_stats, out.token_count)
 
     def logprobs(self, model: torch.nn.Module, batch: RLBatch) -> list[list[float]]:
-        logprobs, _ = response_logprobs_and_logits(model, batch)
+        logprobs, _ = self.response_logprobs(model, batch)
         lengths = batch.mask.sum(-1).long().tolist()
         return [row[:n] for row, n in zip(logprobs.float().cpu().tolist(), lengths)]
 

@@ -2,6 +2,12 @@
 
 The policy is a partly trained SFT model (reverse learned, sort partly: see STACK.md); RL with the task
 checker as reward must raise held-out accuracy, judged greedily on prompts never trained on, with seeds fixed.
+
+The SFT fixture stops early (160 steps) so that RL has room on every CPU: float rounding differs between
+CPUs (AVX2, AVX-512, AMX kernels) and so does where SFT ends. Measured on an AMD EPYC (AVX-512), 60 RL
+steps, two seeds each: SFT task score 0.841; GRPO 0.900 / 0.905, PPO 0.899 / 0.906. With 260 SFT steps the
+start was 0.876 there (0.938 / 0.931 after) but 0.928 on an Intel Xeon, where 60 steps could not raise it.
+A broken update leaves the greedy score where it was (or lowers it), which `assert_learned` rejects.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ def sft_policy(ray_cluster, tmp_path_factory) -> dict[str, Path]:
     cfg = load_config(SFTConfig, None, [
         f"data.train={files['train']}", f"data.eval={files['eval']}", "data.max_length=40",
         f"run.output_dir={out}", "run.name=sft", "learner.num_ranks=2", "learner.micro_batch_size=32",
-        "learner.lr=2e-3", "learner.warmup_steps=20", "learner.lr_schedule=constant", "run.max_steps=260",
+        "learner.lr=2e-3", "learner.warmup_steps=20", "learner.lr_schedule=constant", "run.max_steps=160",
         "eval.num_generate=96", "eval.at_start=false", "eval.num_print=0", "eval.max_new_tokens=10"])
     result = run_sft(cfg)
     return {"model": result.model_dir, "out": out, **files}
@@ -52,11 +58,17 @@ def assert_healthy(train: list[dict]) -> None:
     assert train[0]["sync/checksum_ok"] == 1.0
 
 
+def assert_learned(before: dict, after: dict) -> None:
+    """The held-out greedy task score closes at least a fifth of its gap to 1 (and gains 0.02 at least)."""
+    need = max(0.02, 0.2 * (1.0 - before["task_score"]))
+    assert after["task_score"] >= before["task_score"] + need, (need, before, after)
+
+
 def test_grpo_raises_held_out_accuracy(sft_policy):
     result = run_rlhf(rlhf_config(sft_policy, "grpo", "algorithm.advantage=grpo", "run.max_steps=60",
                                   "learner.lr=2e-4"))
     before, after = split(result.run_dir, "eval")
-    assert after["task_score"] > before["task_score"] + 0.03, (before, after)
+    assert_learned(before, after)
     train = split(result.run_dir, "train")
     assert_healthy(train)
     first, last = train[:10], train[-10:]
@@ -95,7 +107,7 @@ def test_ppo_with_critic_raises_held_out_accuracy(sft_policy):
     result = run_rlhf(rlhf_config(sft_policy, "ppo", "algorithm.advantage=gae", "run.max_steps=60",
                                   "learner.lr=2e-4", "sync.transport=object_store"))
     before, after = split(result.run_dir, "eval")
-    assert after["task_score"] > before["task_score"] + 0.03, (before, after)
+    assert_learned(before, after)
     train = split(result.run_dir, "train")
     assert_healthy(train)
     assert all("explained_variance" in m for m in train)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pyarrow as pa
 import pytest
 import torch
 
-from rlhf_ray.roles.objectives import PolicyObjective, ValueObjective
+from rlhf_ray.roles.objectives import PolicyObjective, ValueObjective, accumulate, step_metrics
 
 PAD, VOCAB = 0, 13
 PROMPTS = [[1, 2, 3], [4, 5], [6, 7], [8]]
@@ -86,8 +87,9 @@ def test_policy_loss_at_ratio_one_is_minus_the_advantage_sum(model, batch):
     out = PolicyObjective(clip_eps=0.2).loss(model, batch)
     assert out.loss_sum.item() == pytest.approx(-sum(real_tokens(ADVANTAGES)), abs=1e-5)
     assert out.count.item() == 6
-    assert out.stats["clip_fraction"].item() == 0.0
-    assert out.stats["approx_kl"].item() == pytest.approx(0.0, abs=1e-6)
+    assert out.token_stats["clip_fraction"].item() == 0.0
+    assert out.token_stats["approx_kl"].item() == pytest.approx(0.0, abs=1e-6)
+    assert out.token_count.item() == 6
     assert out.stats["policy_loss"].item() == pytest.approx(out.loss_sum.item())
     assert "kl_loss" not in out.stats
 
@@ -120,7 +122,7 @@ def test_kl_in_loss_adds_kl_coef_times_kl(model, batch):
     logp, _ = direct(model)
     kl = sum(p - r for p, r in zip(real_tokens(logp), real_tokens(REF)))  # k1
     out = PolicyObjective(kl_in_loss=True, kl_estimator="k1").loss(model, batch, kl_coef=0.3)
-    assert out.stats["kl_loss"].item() == pytest.approx(kl, abs=1e-5)
+    assert out.token_stats["kl_loss"].item() == pytest.approx(kl, abs=1e-5)
     assert out.loss_sum.item() == pytest.approx(base + 0.3 * kl, abs=1e-5)
     # The coefficient is ignored when the KL is in the reward.
     assert PolicyObjective().loss(model, batch, kl_coef=0.3).loss_sum.item() == pytest.approx(base, abs=1e-6)
@@ -131,7 +133,7 @@ def test_kl_in_loss_with_k3(model, batch):
     log_r = torch.tensor(real_tokens(REF)) - torch.tensor(real_tokens(logp))
     kl = (log_r.exp() - log_r - 1).sum().item()
     out = PolicyObjective(kl_in_loss=True, kl_estimator="k3").loss(model, batch, kl_coef=1.0)
-    assert out.stats["kl_loss"].item() == pytest.approx(kl, abs=1e-5)
+    assert out.token_stats["kl_loss"].item() == pytest.approx(kl, abs=1e-5)
 
 
 def test_entropy_coefficient_subtracts_the_entropy(model, batch):
@@ -153,7 +155,7 @@ def test_clipping_stops_the_loss_when_the_ratio_moves_too_far(model, batch):
     e = torch.e
     want = sum(-a * (1.2 if a > 0 else e) for a in real_tokens(ADVANTAGES))
     assert out.loss_sum.item() == pytest.approx(want, abs=1e-4)
-    assert out.stats["clip_fraction"].item() == sum(a > 0 for a in real_tokens(ADVANTAGES))
+    assert out.token_stats["clip_fraction"].item() == sum(a > 0 for a in real_tokens(ADVANTAGES))
 
 
 # -- the critic ----------------------------------------------------------------------------------------------
@@ -201,3 +203,55 @@ def test_value_loss_against_hand_values(critic, clip):
 def test_value_micro_batch_without_returns_has_no_fields():
     table = experience(old=[[0.0] * len(r) for r in RESPONSES])
     assert ValueObjective().micro_batch(table, ROWS, PAD).fields == {}
+
+
+# -- normalisation of the step metrics, temperature ---------------------------------------------------------------
+
+def test_sequence_aggregation_weighs_the_kl_term_like_the_policy_term(model, batch):
+    base = PolicyObjective(aggregation="sequence").loss(model, batch).loss_sum.item()
+    logp, _ = direct(model)
+    per_response = [sum(p - r for p, r in zip(lp, rf)) / len(lp) for lp, rf in zip(logp, REF) if lp]  # k1 means
+    out = PolicyObjective(aggregation="sequence", kl_in_loss=True).loss(model, batch, kl_coef=0.3)
+    assert out.loss_sum.item() == pytest.approx(base + 0.3 * sum(per_response), abs=1e-5)
+    assert out.count.item() == 3
+    # The logged kl_loss is a token statistic either way: Σ over tokens, divided by the token count.
+    assert out.token_stats["kl_loss"].item() == pytest.approx(sum(real_tokens(logp)) - sum(real_tokens(REF)), abs=1e-5)
+    assert out.token_count.item() == 6
+
+
+def test_token_statistics_divide_by_tokens_and_clip_fraction_stays_at_most_one(model):
+    """Every token clipped (old = current - 1, positive advantages): clip fraction is exactly 1 with sequence
+    aggregation too (dividing the 6 clipped tokens by the 3 responses gave 2)."""
+    moved = experience(old=[[x - 1.0 for x in row] for row in direct(model)[0]], advantages=[[1.0] * len(r)
+                                                                                           for r in RESPONSES])
+    objective = PolicyObjective(clip_eps=0.2, aggregation="sequence", kl_in_loss=True)
+    totals: dict[str, float] = {}
+    for rows in ([0, 1], [2, 3]):  # two micro-batches, summed as the learner does (one rank)
+        mb = objective.micro_batch(moved, rows, PAD)
+        accumulate(totals, objective.loss(model, mb, kl_coef=0.1))
+    count = sum(objective.count(objective.micro_batch(moved, rows, PAD)) for rows in ([0, 1], [2, 3]))
+    metrics = step_metrics(totals, count)
+    assert count == 3 and totals["token_count"] == 6
+    assert metrics["clip_fraction"] == 1.0
+    assert metrics["approx_kl"] == pytest.approx(math.e - 1 - 1, abs=1e-5)  # k3 at log ratio 1 on every token
+    assert metrics["kl_loss"] == pytest.approx(totals["token_stat/kl_loss"] / 6)
+    assert metrics["loss"] == pytest.approx(totals["loss"] / 3) and metrics["entropy"] == totals["stat/entropy"] / 3
+
+
+def test_step_metrics_of_a_value_objective_have_no_token_stats(critic):
+    totals = accumulate({}, ValueObjective().loss(critic, critic_batch()))
+    assert set(step_metrics(totals, 6)) == {"loss", "value_loss"}
+
+
+def test_policy_logprobs_at_a_temperature(model):
+    table = experience(old=[[0.0] * len(r) for r in RESPONSES])
+    objective = PolicyObjective(temperature=0.7)
+    got = objective.logprobs(model, objective.micro_batch(table, ROWS, PAD))
+    for prompt, response, row in zip(PROMPTS, RESPONSES, got):
+        seq = prompt + response
+        want = [torch.log_softmax(model.table[seq[len(prompt) + t - 1]].detach() / 0.7, -1)[tok].item()
+                for t, tok in enumerate(response)]
+        assert row == pytest.approx(want, abs=1e-6)
+    assert got != PolicyObjective().logprobs(model, objective.micro_batch(table, ROWS, PAD))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        PolicyObjective(temperature=0.0)

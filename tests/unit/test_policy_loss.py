@@ -231,3 +231,16 @@ def test_approx_kl_matches_the_k3_estimator():
     mask = b["mask"].bool()
     expected = kl_estimate(b["old"][mask], b["new"][mask], "k3").sum()
     torch.testing.assert_close(out.approx_kl_sum, expected)
+
+
+def test_kl_penalty_loss_sequence_aggregation_by_hand():
+    """Per-response token mean, summed over responses, counted in responses: like the policy term."""
+    logp = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.2, 0.9, 0.9], [0.3, 0.3, 0.3]]))
+    ref = torch.log(torch.tensor([[0.25, 0.25, 0.1], [0.4, 0.1, 0.1], [0.3, 0.3, 0.3]]))
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    total, count = kl_penalty_loss(logp, ref, mask, "k1", "sequence")
+    torch.testing.assert_close(total, torch.tensor((math.log(2) + 0.0) / 2 + math.log(0.5)))
+    assert count.item() == 2  # the empty response is not counted
+    token_total, token_count = kl_penalty_loss(logp, ref, mask, "k1")
+    torch.testing.assert_close(token_total, torch.tensor(math.log(2) + math.log(0.5)))
+    assert token_count.item() == 3
