@@ -69,6 +69,10 @@ def check_gpu_shares(cfg: RLHFConfig, device: str) -> None:
     """
     if device != "cuda":
         return
+    learners = [("learner", cfg.learner)] + ([("critic.learner", cfg.critic.learner)]
+                                             if needs_critic(cfg.algorithm.advantage) else [])
+    for key, learner in learners:
+        check_rank_gpus(learner, key)
     holders = [("reference.gpus_per_actor", cfg.reference.gpus_per_actor, "the reference policy")]
     if cfg.reward.model:
         holders.append(("reward.gpus_per_actor", cfg.reward.gpus_per_actor, "the reward model"))
@@ -77,6 +81,14 @@ def check_gpu_shares(cfg: RLHFConfig, device: str) -> None:
             raise ConfigError(f"{key}=0 on a CUDA run: the actor holding {what} would use GPU 0 without "
                               f"reserving it (where a learner or vLLM engine runs); give it a share, e.g. "
                               f"{key}=0.25 to colocate it with other roles on one GPU")
+
+
+def check_rank_gpus(learner: LearnerConfig, key: str) -> None:
+    """Ranks of one DeepSpeed job need a GPU each on CUDA: NCCL refuses two ranks of a group on one GPU."""
+    if learner.num_ranks > 1 and learner.gpus_per_rank < 1:
+        raise ConfigError(f"{key}.gpus_per_rank={learner.gpus_per_rank:g} with {key}.num_ranks={learner.num_ranks}: "
+                          "ranks of one DeepSpeed job cannot share a GPU (NCCL refuses it); give each rank a whole "
+                          f"GPU or use {key}.num_ranks=1")
 
 
 def needed_cpus(cfg: RLHFConfig) -> int:

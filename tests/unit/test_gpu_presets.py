@@ -117,3 +117,14 @@ def test_engine_env_vars_reach_the_engine_environment():
     env = generator_env_vars(cfg, "cpu")
     assert env["NCCL_SOCKET_IFNAME"] == "eth0" and env["OMP_NUM_THREADS"] == "3"  # the user's value wins
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
+def test_ranks_of_one_deepspeed_job_cannot_share_a_gpu():
+    shares = ("reference.gpus_per_actor=0.25", "algorithm.advantage=grpo")
+    with pytest.raises(ConfigError, match=r"learner\.gpus_per_rank=0\.5 with learner\.num_ranks=2"):
+        check_gpu_shares(_rlhf(*shares, "learner.num_ranks=2", "learner.gpus_per_rank=0.5",
+                               "learner.micro_batch_size=4"), "cuda")
+    check_gpu_shares(_rlhf(*shares, "learner.num_ranks=1", "learner.gpus_per_rank=0.5"), "cuda")
+    with pytest.raises(ConfigError, match=r"critic\.learner\.gpus_per_rank=0\.5"):
+        check_gpu_shares(_rlhf("reference.gpus_per_actor=0.25", "critic.learner.num_ranks=2",
+                               "critic.learner.gpus_per_rank=0.5", "critic.learner.micro_batch_size=4"), "cuda")
