@@ -216,7 +216,7 @@ class SyncConfig:
         "Compare a checksum of every engine's weights with the learner's after the first sync or every sync.",
         "first")
     timeout_s: float = doc("Seconds a weight-sync collective (joining the group, each broadcast) may take before "
-                           "the run stops with an error instead of hanging on a lost peer.", 600.0, gt=0.0)
+                           "the run stops with an error instead of hanging on a lost peer.", 300.0, gt=0.0)
 
 
 @dataclass(frozen=True)

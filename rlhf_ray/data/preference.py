@@ -242,12 +242,17 @@ def detect_format(fmt: str, records: Iterable[Record]) -> tuple[str, Iterator[Re
     return _detect_format(fmt, records, _guess_format, "pairwise")
 
 
+def candidate_ids(tokenizer: Any, prompt: Sequence[Message], response: str) -> list[int]:
+    """What a reward model reads and scores (at its last token): prompt + `{assistant: response}`, rendered and
+    tokenized. RLHF's reward actor calls this too, so the model scores policy samples as it was trained."""
+    return encode(tokenizer, render(tokenizer, [*prompt, {"role": "assistant", "content": response}]))
+
+
 def tokenize_feedback(tokenizer: Any, feedback: Feedback, record: Record) -> PreferenceExample:
     """Each candidate as prompt + `{assistant: response}` rendered and tokenized; group set later."""
     try:
         prompt_text = render(tokenizer, feedback.prompt, generation_prompt=True)
-        sequences = [encode(tokenizer, render(tokenizer, [*feedback.prompt, {"role": "assistant", "content": r}]))
-                     for r in feedback.responses]
+        sequences = [candidate_ids(tokenizer, feedback.prompt, r) for r in feedback.responses]
     except TemplateError as err:
         raise record.error("the chat template rejected this conversation", detail=str(err)) from err
     return PreferenceExample(feedback.kind, sequences, list(feedback.order), list(feedback.scores),

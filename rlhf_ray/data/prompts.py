@@ -86,7 +86,7 @@ def load_prompts(source: str, tokenizer: Any, max_prompt_length: int, skip_inval
     """Prompt table (`PROMPT_SCHEMA`) from `source`; prompts longer than `max_prompt_length` are dropped."""
     require_chat_template(tokenizer)
     rows, skipped = collect_valid(read_records(source, split), parse_prompt, skip_invalid, source=source)
-    ids, texts, metas, too_long = [], [], [], 0
+    ids, texts, metas, messages, too_long = [], [], [], [], 0
     for row in rows[:limit] if limit else rows:
         text = render(tokenizer, row.messages, generation_prompt=True)
         prompt_ids = encode(tokenizer, text)
@@ -96,10 +96,11 @@ def load_prompts(source: str, tokenizer: Any, max_prompt_length: int, skip_inval
         ids.append(prompt_ids)
         texts.append(text)
         metas.append(json.dumps(row.metadata, ensure_ascii=False))
+        messages.append(list(row.messages))
     if not ids:
         raise DataError(source, f"no prompt fits max_prompt_length={max_prompt_length} tokens")
-    table = pa.Table.from_pydict({"prompt_ids": ids, "prompt_text": texts, "metadata": metas},
-                                 schema=PROMPT_SCHEMA)
+    table = pa.Table.from_pydict({"prompt_ids": ids, "prompt_text": texts, "metadata": metas,
+                                  "prompt_messages": messages}, schema=PROMPT_SCHEMA)
     stats = {"source": source, "rows_read": len(rows) + sum(skipped.values()), "skipped": dict(skipped),
              "dropped_too_long": too_long, "prompts": len(ids)}
     return table, stats

@@ -8,6 +8,7 @@ from typing import Any, Iterator
 import torch
 
 from rlhf_ray.config import LearnerConfig
+from rlhf_ray.distributed.weight_sync import TensorMeta, plan_buckets
 
 
 def deepspeed_config(cfg: LearnerConfig, dtype: torch.dtype) -> dict[str, Any]:
@@ -80,30 +81,40 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: LearnerConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def iter_full_parameters(model: torch.nn.Module, zero_stage: int, rank: int,
-                         bucket_bytes: int = 64 << 20) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(name, full tensor on CPU)` for every parameter; on rank 0 only under ZeRO-3.
+def parameter_metas(model: torch.nn.Module) -> list[TensorMeta]:
+    """Every parameter's name, dtype and *full* shape, in `named_parameters` order (a ZeRO-3 partitioned
+    parameter reports its full shape through `ds_shape`)."""
+    return [TensorMeta(name, str(p.dtype).removeprefix("torch."), tuple(getattr(p, "ds_shape", p.shape)))
+            for name, p in model.named_parameters()]
 
-    Under ZeRO-3 this is a collective: every rank must iterate it to the end. Parameters are gathered in
-    buckets of about `bucket_bytes` (one `GatheredParameters` call each, never one per tensor).
+
+def parameter_buckets(model: torch.nn.Module, bucket_bytes: int) -> list[list[tuple[str, torch.nn.Parameter]]]:
+    """The parameters grouped exactly as `plan_buckets(parameter_metas(model), bucket_bytes)` groups them (full
+    sizes; at most `bucket_bytes` a bucket unless one tensor is larger), so a weight sync's gathers and its
+    broadcast buckets coincide."""
+    params = dict(model.named_parameters())
+    return [[(meta.name, params[meta.name]) for meta in bucket]
+            for bucket in plan_buckets(parameter_metas(model), bucket_bytes)]
+
+
+def iter_full_parameters(model: torch.nn.Module, zero_stage: int, rank: int, bucket_bytes: int = 64 << 20,
+                         device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(name, full tensor on device)` for every parameter on rank 0; other ranks get nothing.
+
+    ZeRO 0-2: every rank holds the full parameters, so ranks other than 0 return at once (no copy), and rank 0
+    yields the live parameters themselves where they already are on `device` (read them before the next
+    update; never modify them). ZeRO-3: a collective, every rank must iterate to the end; the parameters are
+    gathered in the buckets of `parameter_buckets(model, bucket_bytes)` (one `GatheredParameters` call each,
+    never one per tensor) and rank 0 copies each bucket to `device` before it is released.
     """
-    named = list(model.named_parameters())
     if zero_stage < 3:
-        for name, param in named:
-            yield name, param.detach().to("cpu", copy=True)
+        if rank == 0:
+            for name, param in model.named_parameters():
+                yield name, param.detach().to(device)
         return
     import deepspeed
 
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for index, (name, param) in enumerate(named):
-        bucket.append((name, param))
-        size += param.ds_numel * param.element_size()
-        if size >= bucket_bytes or index == len(named) - 1:
-            with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
-                if rank == 0:
-                    gathered = [(n, p.detach().to("cpu", copy=True)) for n, p in bucket]
-                else:
-                    gathered = []
-            yield from gathered
-            bucket, size = [], 0
+    for bucket in parameter_buckets(model, bucket_bytes):
+        with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
+            gathered = [(n, p.detach().to(device, copy=True)) for n, p in bucket] if rank == 0 else []
+        yield from gathered

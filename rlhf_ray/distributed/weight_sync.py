@@ -31,6 +31,9 @@ import torch.distributed as dist
 
 STORE_PREFIX = "rlhf_ray_weight_sync"
 BACKENDS = ("gloo", "nccl")
+# How long joining the group, or one broadcast, may wait for the other members before it fails (instead of
+# hanging: a member that died or never started its half of the protocol).
+DEFAULT_TIMEOUT_S = 300.0
 
 
 class WeightSyncError(RuntimeError):
@@ -120,10 +123,11 @@ def unpack(buffer: torch.Tensor, metas: Sequence[TensorMeta]) -> list[tuple[str,
 
 
 def create_sync_group(master_addr: str, master_port: int, rank: int, world_size: int, backend: str,
-                      timeout_s: float = 300) -> dist.ProcessGroup:
+                      timeout_s: float = DEFAULT_TIMEOUT_S) -> dist.ProcessGroup:
     """A process group of its own for weight broadcasts: rank 0 (learner) hosts the TCPStore.
 
-    Every rank must call this at the same time (it blocks until all `world_size` ranks joined).
+    Every rank must call this at the same time (it blocks until all `world_size` ranks joined). `timeout_s`
+    bounds the join and every collective of the group, on gloo and NCCL alike.
     """
     if backend not in BACKENDS:
         raise WeightSyncError(f"weight sync backend {backend!r}: expected one of {', '.join(BACKENDS)}")
@@ -137,7 +141,9 @@ def create_sync_group(master_addr: str, master_port: int, rank: int, world_size:
     nccl = getattr(dist, "ProcessGroupNCCL", None)
     if nccl is None:
         raise WeightSyncError("weight sync backend 'nccl' needs a CUDA build of torch; use 'gloo' on CPU")
-    return nccl(store, rank, world_size)
+    options = nccl.Options()
+    options._timeout = timeout  # as torch's own `new_group` sets it (distributed_c10d); there is no public setter
+    return nccl(store, rank, world_size, options)
 
 
 def group_by_plan(named_tensors: Iterable[tuple[str, torch.Tensor]],
@@ -164,7 +170,8 @@ def send_weights(group: dist.ProcessGroup, buckets: Iterable[list[tuple[TensorMe
                  device: str | torch.device = "cpu") -> int:
     """Broadcast one packed buffer per bucket from rank 0 (the caller); returns the bytes sent.
 
-    `device` is where the buffer is built: "cpu" for gloo, the learner's CUDA device for NCCL.
+    `device` is where the buffer is built: "cpu" for gloo, the learner's CUDA device for NCCL (tensors already
+    there are packed in place: on GPU the weights never pass through host memory).
     """
     sent = 0
     for bucket in buckets:
@@ -216,7 +223,7 @@ class WeightSyncExtension:
     """
 
     def init_weight_sync(self, master_addr: str, master_port: int, rank: int, world_size: int,
-                         backend: str, timeout_s: float = 300) -> None:
+                         backend: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """Join the sync group; `rank` is that of this engine's first worker (tensor-parallel worker i joins
         as rank + i)."""
         self._rlhf_group = create_sync_group(master_addr, master_port, rank + self.rank, world_size, backend,
@@ -224,8 +231,9 @@ class WeightSyncExtension:
 
     def receive_weights(self, plan: Sequence[Sequence[Any]], record_checksum: bool = True) -> None:
         """Receive every bucket of `plan` by broadcast from rank 0 and load it (streamed: one bucket in
-        memory at a time, one reload for the whole model). `record_checksum=False` skips the per-tensor sums
-        (a CPU float64 pass over the weights; worth skipping on large GPU models when not verifying)."""
+        memory at a time, one reload for the whole model). The buffers live on the worker's device (a GPU for
+        NCCL: no trip through host memory). `record_checksum=False` skips the per-tensor sums (a CPU float64
+        pass over every weight): the sender asks for them only for a sync it verifies."""
         group = getattr(self, "_rlhf_group", None)
         if group is None:
             raise WeightSyncError("receive_weights before init_weight_sync: join the sync group first")

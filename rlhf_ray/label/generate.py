@@ -101,7 +101,8 @@ def generate_responses(job: GenerationJob, rows: list, cfg: LabelConfig) -> list
     ids = [encode(tokenizer, text) for text in texts]
     fits = [i for i, prompt in enumerate(ids) if len(prompt) <= cfg.max_prompt_length]
     table = pa.Table.from_pydict({"prompt_ids": [ids[i] for i in fits], "prompt_text": [texts[i] for i in fits],
-                                  "metadata": ["{}"] * len(fits)}, schema=PROMPT_SCHEMA)
+                                  "metadata": ["{}"] * len(fits),
+                                  "prompt_messages": [list(rows[i].messages) for i in fits]}, schema=PROMPT_SCHEMA)
     gen = cfg.generator
     group = GeneratorGroup(job.model, gen, cfg.seed, cluster_device("auto"), name=f"label-{job.name}")
     try:

@@ -2,8 +2,12 @@
 
 Prompts arrive as a `PROMPT_SCHEMA` table in the object store plus the rows this engine answers; the answer
 is a `ROLLOUT_SCHEMA` table that stays in the object store (the driver passes refs on, never the rows).
-Token ids go to vLLM as they are (no re-tokenisation), and `rollout_logprobs` are vLLM's raw log-softmax of
-each sampled token (before temperature and top-p), the quantity the learner recomputes.
+Token ids go to vLLM as they are (no re-tokenisation), and `rollout_logprobs` are the log-probabilities of
+each sampled token under the distribution it was sampled from, `log_softmax(logits / temperature)` (vLLM's
+`logprobs_mode="processed_logprobs"`; greedy decoding reports them at temperature 1): the quantity the
+learner and the reference recompute. "Processed" also applies penalties, logit bias, min_tokens, min_p and
+top-k/top-p masking, which the learner does not reproduce: the generator asks for none of them, and the RLHF
+config refuses top_p < 1.
 
 New weights arrive through `rlhf_ray.distributed.weight_sync.WeightSyncExtension`, which vLLM mixes into its
 worker; this actor forwards to it through `LLM.collective_rpc` and resets the prefix cache afterwards (cached
@@ -16,6 +20,7 @@ owns that process's torch threading, which is why the engine has an actor of its
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +34,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rlhf_ray.config import GeneratorConfig
 from rlhf_ray.distributed.runtime import worker_env_vars
 from rlhf_ray.distributed.weight_sync import (
+    DEFAULT_TIMEOUT_S,
     TensorMeta,
     WeightSyncError,
     WeightSyncExtension,
@@ -49,7 +55,7 @@ def generator_env_vars(cfg: GeneratorConfig, device: str) -> dict[str, str]:
         # cores of one NUMA node) would put every engine of a node on the same cores.
         env["OMP_NUM_THREADS"] = str(max(1, int(cfg.cpus_per_engine)))
         env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-    return env
+    return {**env, **{str(k): str(v) for k, v in cfg.env_vars.items()}}
 
 
 class GeneratorActor:
@@ -71,7 +77,9 @@ class GeneratorActor:
         kwargs: dict[str, Any] = {
             "model": self.model_path, "dtype": self.dtype, "seed": seed,
             "tensor_parallel_size": cfg.tensor_parallel_size, "worker_extension_cls": EXTENSION,
-            "enforce_eager": cfg.enforce_eager if cfg.enforce_eager is not None else device == "cpu"}
+            "enforce_eager": cfg.enforce_eager if cfg.enforce_eager is not None else device == "cpu",
+            # Logprobs of the sampling distribution (after temperature), not the raw logits' (vLLM's default).
+            "logprobs_mode": "processed_logprobs"}
         if device == "cpu":
             # On CPU, gpu_memory_utilization would be a share of the node's RAM; name the KV cache size instead.
             kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kv_cache_gib * 2**30)
@@ -106,13 +114,18 @@ class GeneratorActor:
         rows = [int(r) for r in rows]
         if not rows:
             return ROLLOUT_SCHEMA.empty_table()
-        chosen = prompts.select(["prompt_ids", "prompt_text", "metadata"]).take(rows).to_pydict()
+        copied = ["prompt_ids", "prompt_text", "metadata", "prompt_messages"]
+        chosen = prompts.select(copied).take(rows).to_pydict()
         for row, ids in zip(rows, chosen["prompt_ids"]):
             if not ids:
                 raise ValueError(f"prompt row {row}: prompt_ids is empty (vLLM needs at least one token)")
         draws = 1 if temperature == 0 else n
+        # vLLM keeps the stop token in token_ids (as it keeps the EOS): responses end with their end of turn, so
+        # the policy is trained to stop.
+        stop = list(self.stop_token_ids)
         params = [SamplingParams(n=draws, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, logprobs=0,
-                                 seed=None if seed is None else seed + row * n, detokenize=False)
+                                 seed=None if seed is None else seed + row * n, detokenize=False,
+                                 stop_token_ids=stop)
                   for row in rows]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in chosen["prompt_ids"]], params,
                                     use_tqdm=False)
@@ -125,22 +138,30 @@ class GeneratorActor:
                 columns["prompt_index"].append(row)
                 columns["sample_index"].append(index)
                 columns["group"].append(row)
-                columns["prompt_ids"].append(chosen["prompt_ids"][i])
                 columns["response_ids"].append(tokens)
                 columns["rollout_logprobs"].append(_sampled_logprobs(sample, tokens, row))
                 columns["finish_reason"].append(str(sample.finish_reason))
-                columns["prompt_text"].append(chosen["prompt_text"][i])
-                columns["metadata"].append(chosen["metadata"][i])
+                for name in copied:
+                    columns[name].append(chosen[name][i])
         columns["response_text"] = self.tokenizer.batch_decode(columns["response_ids"], skip_special_tokens=True)
         return pa.Table.from_pydict(columns, schema=ROLLOUT_SCHEMA)
 
+    @functools.cached_property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """The chat template's end of turn and the EOS (`models.chat.end_of_turn_ids`): where responses stop."""
+        from rlhf_ray.models.chat import end_of_turn_ids
+
+        return end_of_turn_ids(self.tokenizer)
+
     # -- weights --------------------------------------------------------------------------------------------
     def init_weight_sync(self, master_addr: str, master_port: int, rank: int, world_size: int,
-                         backend: str | None = None) -> None:
+                         backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """Join the weight-sync group as `rank` (tensor-parallel worker i as rank + i); backend defaults to
-        NCCL on CUDA, gloo on CPU. Blocks until every member joined: start all members' calls together."""
+        NCCL on CUDA, gloo on CPU; `timeout_s` bounds the join and every broadcast. Blocks until every member
+        joined: start all members' calls together."""
         backend = backend or ("nccl" if self.device == "cuda" else "gloo")
-        self._rpc(WeightSyncExtension.init_weight_sync, master_addr, master_port, rank, world_size, backend)
+        self._rpc(WeightSyncExtension.init_weight_sync, master_addr, master_port, rank, world_size, backend,
+                  timeout_s)
 
     def receive_weights(self, plan: Sequence[Sequence[TensorMeta]], record_checksum: bool = True) -> None:
         """Receive and load a broadcast of `plan` from rank 0 (start together with the sender's call)."""
@@ -179,7 +200,7 @@ class GeneratorGroup:
 
     def __init__(self, model_path: str, cfg: GeneratorConfig, seed: int, device: str, name: str = "generator"):
         self.cfg = cfg
-        gpus = float(cfg.tensor_parallel_size) if device == "cuda" else 0.0
+        gpus = cfg.engine_gpus if device == "cuda" else 0.0
         spec = GroupSpec(name=name, num_workers=cfg.num_engines, cpus_per_worker=cfg.cpus_per_engine,
                          gpus_per_worker=gpus, resources=tuple(sorted(cfg.resources_per_engine.items())))
         self.placement_group = reserve(spec)
@@ -211,10 +232,11 @@ class GeneratorGroup:
         return [actor.generate.remote(prompts, shard, n, temperature, top_p, max_new_tokens, seed)
                 for actor, shard in zip(self.actors, shards) if shard]
 
-    def init_weight_sync(self, master_addr: str, master_port: int, backend: str | None = None) -> list[ray.ObjectRef]:
+    def init_weight_sync(self, master_addr: str, master_port: int, backend: str | None = None,
+                         timeout_s: float = DEFAULT_TIMEOUT_S) -> list[ray.ObjectRef]:
         """Start every engine joining the sync group (ranks 1..); the sender must join as rank 0 meanwhile."""
         return [a.init_weight_sync.remote(master_addr, master_port, 1 + i * self.workers_per_engine,
-                                          self.sync_world_size, backend) for i, a in enumerate(self.actors)]
+                                          self.sync_world_size, backend, timeout_s) for i, a in enumerate(self.actors)]
 
     def receive_weights(self, plan: Sequence[Sequence[TensorMeta]],
                         record_checksum: bool = True) -> list[ray.ObjectRef]:

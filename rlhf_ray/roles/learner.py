@@ -103,20 +103,17 @@ class Learner(DistributedWorker):
         local = [sum(self.objective.count(b) for b in batches), sum(self.objective.num_tokens(b) for b in batches)]
         global_count, global_tokens = self._all_reduce(local)
         scale = self.world_size * self.cfg.grad_accum / max(global_count, 1.0)
-        loss_total = 0.0
-        stat_totals: dict[str, float] = {}
+        from rlhf_ray.roles.objectives import accumulate, step_metrics
+
+        totals: dict[str, float] = {}
         for batch in batches:
             out = self.objective.loss(self.engine, batch.to(self.engine.device), **loss_kwargs)
             self.engine.backward(out.loss_sum * scale)
             self.engine.step()
-            loss_total += out.loss_sum.item()
-            for key, value in out.stats.items():
-                stat_totals[key] = stat_totals.get(key, 0.0) + float(value)
-        keys = sorted(stat_totals)
-        reduced = self._all_reduce([loss_total] + [stat_totals[k] for k in keys])
-        metrics = {"loss": reduced[0] / max(global_count, 1.0), "lr": self.scheduler.get_last_lr()[0],
-                   "tokens": global_tokens, "loss_tokens": global_count}
-        metrics.update({k: v / max(global_count, 1.0) for k, v in zip(keys, reduced[1:])})
+            accumulate(totals, out)
+        keys = sorted(totals)  # the same keys on every rank: the same objective made them
+        metrics = step_metrics(dict(zip(keys, self._all_reduce([totals[k] for k in keys]))), global_count)
+        metrics.update({"lr": self.scheduler.get_last_lr()[0], "tokens": global_tokens, "loss_tokens": global_count})
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
@@ -169,13 +166,16 @@ class Learner(DistributedWorker):
 
     @torch.no_grad()
     def generate(self, table: pa.Table, rows: Sequence[int], num_batches: int, max_new_tokens: int) -> list[str]:
-        """Greedy answers to the `prompt_ids` of `rows` (left-padded batches; `num_batches` on every rank)."""
+        """Greedy answers to the `prompt_ids` of `rows` (left-padded batches; `num_batches` on every rank), each
+        stopped at the chat template's end of turn or the EOS."""
         from rlhf_ray.data.collate import pad_sequences
+        from rlhf_ray.models.chat import end_of_turn_ids
 
         self.engine.eval()
         micro = self.cfg.micro_batch_size
         prompts = table.column("prompt_ids").to_pylist()
         texts: list[str] = []
+        stop = list(end_of_turn_ids(self.tokenizer))
         for i in range(num_batches):
             chunk = rows[i * micro:(i + 1) * micro]
             seqs = [prompts[r] for r in chunk] or [[self.tokenizer.eos_token_id]]
@@ -183,7 +183,7 @@ class Learner(DistributedWorker):
             attention = pad_sequences([[1] * len(s) for s in seqs], 0, left=True).to(self.engine.device)
             out = self.engine.module.generate(
                 input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.pad_id, eos_token_id=stop,
                 synced_gpus=self.cfg.zero_stage == 3 and self.world_size > 1)
             if chunk:
                 texts += self.tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
@@ -230,48 +230,59 @@ class Learner(DistributedWorker):
             if rng["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
-    def parameter_checksum(self) -> float:
-        """Fingerprint of the full parameters, comparable with a generator's `weights_checksum` (rank 0)."""
+    def parameter_checksum(self, bucket_bytes: int = 64 << 20) -> float:
+        """Fingerprint of the full parameters, comparable with a generator's `weights_checksum` (rank 0's; other
+        ranks only take part in the ZeRO-3 gathers)."""
         from rlhf_ray.distributed.deepspeed_setup import iter_full_parameters
         from rlhf_ray.distributed.weight_sync import checksum
 
-        return checksum(iter_full_parameters(self.engine.module, self.cfg.zero_stage, self.rank))
+        return checksum(iter_full_parameters(self.engine.module, self.cfg.zero_stage, self.rank, bucket_bytes))
 
     # -- weight sync to the generators (rank 0 sends) ---------------------------------------------------------
     def weight_plan(self, bucket_bytes: int) -> list:
-        """The buckets of `TensorMeta` that `broadcast_weights` will send, in parameter order."""
-        from rlhf_ray.distributed.weight_sync import TensorMeta, plan_buckets
+        """The buckets of `TensorMeta` that `broadcast_weights` will send, in parameter order (under ZeRO-3 also
+        the buckets it gathers, given the same `bucket_bytes`)."""
+        from rlhf_ray.distributed.deepspeed_setup import parameter_metas
+        from rlhf_ray.distributed.weight_sync import plan_buckets
 
-        metas = [TensorMeta(name, str(p.dtype).removeprefix("torch."), tuple(getattr(p, "ds_shape", p.shape)))
-                 for name, p in self.engine.module.named_parameters()]
-        return plan_buckets(metas, bucket_bytes)
+        return plan_buckets(parameter_metas(self.engine.module), bucket_bytes)
 
-    def init_weight_sync(self, master_addr: str, master_port: int, world_size: int) -> None:
-        """Rank 0 joins the broadcast group with every generator worker (it is rank 0 there too)."""
-        from rlhf_ray.distributed.weight_sync import create_sync_group
+    def init_weight_sync(self, master_addr: str, master_port: int, world_size: int,
+                         timeout_s: Optional[float] = None) -> None:
+        """Rank 0 joins the broadcast group with every generator worker (it is rank 0 there too). NCCL on
+        CUDA (the weights are sent from GPU memory), gloo on CPU."""
+        from rlhf_ray.distributed.weight_sync import (
+            DEFAULT_TIMEOUT_S,
+            create_sync_group,
+        )
 
+        cuda = self.device == "cuda"
+        self._sync_device = self.engine.device if cuda else torch.device("cpu")
         if self.rank == 0:
-            self.sync_group = create_sync_group(master_addr, master_port, 0, world_size,
-                                                "nccl" if self.device == "cuda" else "gloo")
+            self.sync_group = create_sync_group(master_addr, master_port, 0, world_size, "nccl" if cuda else "gloo",
+                                                DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
 
-    def broadcast_weights(self, plan: list) -> int:
-        """Send the full parameters bucket by bucket (every rank iterates: ZeRO-3 gathers are collective)."""
+    def broadcast_weights(self, plan: list, bucket_bytes: int = 64 << 20) -> int:
+        """Send the full parameters bucket by bucket; pass the `bucket_bytes` the plan was made with, so that
+        ZeRO-3 gathers the plan's buckets. Under ZeRO 0-2 the other ranks return at once; under ZeRO-3 every
+        rank iterates (the gathers are collectives)."""
         from rlhf_ray.distributed.deepspeed_setup import iter_full_parameters
         from rlhf_ray.distributed.weight_sync import group_by_plan, send_weights
 
-        params = iter_full_parameters(self.engine.module, self.cfg.zero_stage, self.rank)
+        params = iter_full_parameters(self.engine.module, self.cfg.zero_stage, self.rank, bucket_bytes,
+                                      device=self._sync_device)
         if self.rank != 0:
-            for _ in params:
+            for _ in params:  # nothing to iterate under ZeRO 0-2
                 pass
             return 0
-        return send_weights(self.sync_group, group_by_plan(params, plan), device=self.engine.device)
+        return send_weights(self.sync_group, group_by_plan(params, plan), device=self._sync_device)
 
-    def weights_bytes(self) -> Optional[bytes]:
+    def weights_bytes(self, bucket_bytes: int = 64 << 20) -> Optional[bytes]:
         """Safetensors bytes of the full parameters on rank 0 (object-store transport); None elsewhere."""
         from rlhf_ray.distributed.deepspeed_setup import iter_full_parameters
         from rlhf_ray.distributed.weight_sync import weights_to_bytes
 
-        named = list(iter_full_parameters(self.engine.module, self.cfg.zero_stage, self.rank))
+        named = list(iter_full_parameters(self.engine.module, self.cfg.zero_stage, self.rank, bucket_bytes))
         return weights_to_bytes(named) if self.rank == 0 else None
 
 
@@ -342,8 +353,8 @@ class LearnerGroup:
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         self.group.get(lambda a, r: a.load_checkpoint.remote(str(path)))
 
-    def parameter_checksum(self) -> float:
-        return self.group.get(lambda a, r: a.parameter_checksum.remote())[0]
+    def parameter_checksum(self, bucket_bytes: int = 64 << 20) -> float:
+        return self.group.get(lambda a, r: a.parameter_checksum.remote(bucket_bytes))[0]
 
     def shutdown(self) -> None:
         self.group.shutdown()

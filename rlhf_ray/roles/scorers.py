@@ -40,43 +40,54 @@ def sequence_batches(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence
 
 def response_logprobs(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]],
                       response_ids: Sequence[Sequence[int]], micro_batch_size: int, pad_id: int,
-                      device: str | torch.device) -> list[list[float]]:
-    """log p(response token | everything before it) for every response token of every row."""
-    from rlhf_ray.algorithms.losses import next_token_logprobs
+                      device: str | torch.device, temperature: float = 1.0) -> list[list[float]]:
+    """log p_T(response token | everything before it), `p_T = softmax(logits / temperature)`, for every
+    response token of every row; computed at response positions only, a chunk of positions at a time."""
+    from rlhf_ray.models.causal_lm import response_logprobs as causal_lm_logprobs
 
     out: list[list[float]] = []
     for start, input_ids, attention in sequence_batches(prompt_ids, response_ids, micro_batch_size, pad_id):
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-        logprobs = next_token_logprobs(logits, input_ids.to(device)).cpu()  # [b, L-1]; t-1 scores token t
-        for i in range(input_ids.shape[0]):
-            p, r = len(prompt_ids[start + i]), len(response_ids[start + i])
-            out.append(logprobs[i, p - 1:p - 1 + r].tolist())
+        prompts, responses = prompt_ids[start:start + len(input_ids)], response_ids[start:start + len(input_ids)]
+        width = max(1, max(len(r) for r in responses))
+        index = torch.zeros(len(responses), width, dtype=torch.long)
+        mask = torch.zeros(len(responses), width)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            index[i, :len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))  # position t-1 scores token t
+            mask[i, :len(r)] = 1.0
+        logprobs, _ = causal_lm_logprobs(model, input_ids.to(device), attention.to(device), index.to(device),
+                                         mask.to(device), temperature)
+        out += [row[:len(r)] for row, r in zip(logprobs.cpu().tolist(), responses)]
     return out
 
 
 class ReferenceActor:
-    """Reference-policy log-probabilities of the response tokens (the SFT model, frozen)."""
+    """Reference-policy log-probabilities of the response tokens (the SFT model, frozen), under the sampling
+    distribution `softmax(logits / temperature)` the rollouts were drawn from."""
 
-    def __init__(self, model_cfg: ModelConfig, micro_batch_size: int, device: str):
+    def __init__(self, model_cfg: ModelConfig, micro_batch_size: int, device: str, temperature: float = 1.0):
         from rlhf_ray.models.loading import (
             load_causal_lm,
             load_tokenizer,
             resolve_dtype,
         )
 
+        if temperature <= 0:
+            raise ValueError(f"reference temperature must be > 0 (score greedy rollouts at 1), got {temperature}")
         _quiet_transformers()
         self.device = "cuda" if device == "cuda" else "cpu"
         self.model = load_causal_lm(model_cfg, resolve_dtype(model_cfg.dtype, self.device)).to(self.device).eval()
         self.pad_id = load_tokenizer(model_cfg).pad_token_id
         self.micro_batch_size = micro_batch_size
+        self.temperature = temperature
 
     @torch.no_grad()
-    def logprobs(self, rollouts: pa.Table, rows: Sequence[int]) -> pa.Table:
-        """(row, values): reference log-probabilities of the response tokens of `rows`."""
+    def logprobs(self, rollouts: pa.Table, rows: Sequence[int], temperature: Optional[float] = None) -> pa.Table:
+        """(row, values): reference log-probabilities of the response tokens of `rows`, at `temperature`
+        (default: the one the actor was made with; greedy evaluation rollouts are scored at 1)."""
         part = rollouts.take(list(rows))
         values = response_logprobs(self.model, part.column("prompt_ids").to_pylist(),
                                    part.column("response_ids").to_pylist(), self.micro_batch_size,
-                                   self.pad_id, self.device)
+                                   self.pad_id, self.device, self.temperature if temperature is None else temperature)
         return pa.table({"row": pa.array(list(rows), pa.int64()), "values": pa.array(values, pa.list_(pa.float32()))})
 
 
@@ -98,32 +109,54 @@ class RewardActor:
     def _load_reward_model(self, path: str, policy_tokenizer_path: str) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from rlhf_ray.models.tiny import resolve_model_path
+        from rlhf_ray.data.sft import require_chat_template
 
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
+        from rlhf_ray.models.loading import disable_dropout, resolve_dtype
+
+        # bfloat16 on CUDA, float32 on CPU, as every other role (the scores are normalised in float32).
+        self.model = disable_dropout(AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=resolve_dtype("auto", self.device))).to(self.device).eval()
+        if self.model.config.pad_token_id is None:
+            raise ValueError(f"reward model {path}: its config has no pad_token_id, so it cannot find the last "
+                             "token of a padded sequence; set pad_token_id in its config.json")
+        # Samples are re-rendered with the reward model's own tokenizer and template, exactly as its training
+        # candidates were, whatever the policy's tokenizer (policy_tokenizer_path is not needed for that): the
+        # policy's ids end elsewhere (ChatML's "\n" after <|im_end|> is never generated).
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        policy_tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(policy_tokenizer_path))
-        # Same vocabulary: score the generated ids as they are; else re-tokenize the text.
-        self.same_tokens = policy_tokenizer.get_vocab() == self.tokenizer.get_vocab()
+        require_chat_template(self.tokenizer)
         stats_file = Path(path) / "reward_stats.json"
         self.mean, self.std = 0.0, 1.0
         if self.cfg.normalize and stats_file.is_file():
             stats = json.loads(stats_file.read_text())
             self.mean, self.std = float(stats["mean"]), max(float(stats["std"]), 1e-6)
 
+    def model_inputs(self, rollouts: pa.Table) -> list[list[int]]:
+        """What the reward model reads for each row: the prompt's messages + `{assistant: response_text}`,
+        rendered and tokenized by RM training's own function (`data.preference.candidate_ids`)."""
+        from rlhf_ray.data.preference import candidate_ids
+
+        sequences = []
+        for i, (messages, response) in enumerate(zip(rollouts.column("prompt_messages").to_pylist(),
+                                                     rollouts.column("response_text").to_pylist())):
+            if not messages:
+                raise ValueError(f"rollout row {i}: prompt_messages is empty; the reward model scores the prompt's "
+                                 "messages + the response (prompt tables from data.prompts.load_prompts have them)")
+            sequences.append(candidate_ids(self.tokenizer, messages, response))
+        return sequences
+
     @torch.no_grad()
     def _model_scores(self, rollouts: pa.Table) -> list[float]:
-        prompt_ids = rollouts.column("prompt_ids").to_pylist()
-        response_ids = rollouts.column("response_ids").to_pylist()
-        if not self.same_tokens:
-            texts = [p + r + (self.tokenizer.eos_token or "") for p, r in
-                     zip(rollouts.column("prompt_text").to_pylist(), rollouts.column("response_text").to_pylist())]
-            prompt_ids = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-            response_ids = [[] for _ in texts]
+        """Normalised reward-model scores, read (as in RM training) at each sequence's last non-pad token."""
+        from rlhf_ray.data.collate import pad_sequences
+
+        sequences = self.model_inputs(rollouts)
         pad = self.model.config.pad_token_id
         scores: list[float] = []
-        for _, input_ids, attention in sequence_batches(prompt_ids, response_ids, self.micro_batch_size, pad):
-            logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)).logits
+        for start in range(0, len(sequences), self.micro_batch_size):
+            chunk = sequences[start:start + self.micro_batch_size]
+            input_ids = pad_sequences(chunk, pad).to(self.device)
+            attention = pad_sequences([[1] * len(s) for s in chunk], 0).to(self.device)
+            logits = self.model(input_ids=input_ids, attention_mask=attention).logits
             scores += ((logits[:, 0].float().cpu() - self.mean) / self.std).tolist()
         return scores
 

@@ -14,10 +14,14 @@ import torch
 
 from rlhf_ray.data.collate import pad_sequences
 
+# A conversation: [{role, content}, ...] (reward models re-render prompt messages + the response text).
+MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
 PROMPT_SCHEMA = pa.schema([
     ("prompt_ids", pa.list_(pa.int32())),     # chat-rendered prompt with the generation prompt
     ("prompt_text", pa.string()),
     ("metadata", pa.string()),                # JSON: the row's other fields (task, input, reference, ...)
+    ("prompt_messages", MESSAGES_TYPE),       # the messages that prompt_ids renders
 ])
 
 ROLLOUT_SCHEMA = pa.schema([
@@ -25,12 +29,13 @@ ROLLOUT_SCHEMA = pa.schema([
     ("sample_index", pa.int32()),             # 0..n-1 among the samples of that prompt
     ("group", pa.int64()),                    # responses to the same prompt in this step share it
     ("prompt_ids", pa.list_(pa.int32())),
-    ("response_ids", pa.list_(pa.int32())),   # [T_i] generated tokens, eos included when generated
+    ("response_ids", pa.list_(pa.int32())),   # [T_i] generated tokens, the stop token (end of turn/eos) included
     ("rollout_logprobs", pa.list_(pa.float32())),  # [T_i] log p of each token under the generator's weights
     ("finish_reason", pa.string()),           # "stop" | "length"
     ("prompt_text", pa.string()),
     ("response_text", pa.string()),
     ("metadata", pa.string()),
+    ("prompt_messages", MESSAGES_TYPE),
 ])
 
 # Columns that scorers add, each aligned with the rollout rows.

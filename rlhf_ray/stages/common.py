@@ -7,6 +7,8 @@ import math
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -160,30 +162,78 @@ class PhaseTimer:
         return out
 
 
+class StopRequest:
+    """SIGINT handler for the step loop: the first Ctrl-C asks to stop at the next step boundary (the step in
+    flight finishes, is logged and checkpointed); a second one interrupts at once, without a checkpoint.
+
+    Stopping between steps is what makes a checkpoint resumable: a KeyboardInterrupt raised inside a step
+    (e.g. from a blocking `ray.get`) leaves the learners finishing that step, so a checkpoint taken then would
+    hold part of step N+1 under step N.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.requested = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            tqdm.write(f"[{self.name}] second Ctrl-C: stopping now, without a checkpoint; run.resume=auto "
+                       "continues from the last checkpoint written")
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write(f"[{self.name}] Ctrl-C: the run stops after the current step (with a checkpoint); "
+                   "press Ctrl-C again to stop at once without one")
+
+    @contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        """Handle SIGINT with this object while inside; the previous handler is restored on exit. Signal
+        handlers can only be set from the main thread: elsewhere nothing is installed (and no Ctrl-C reaches
+        that thread anyway)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self)
+        try:
+            yield self
+        finally:
+            # None: the previous handler was not set from Python and cannot be put back; use the default.
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
 def run_steps(name: str, run: Any, start: int, steps: int, step: Callable[[int], dict[str, Any]],
               evaluate: Callable[[int], dict[str, Any]], checkpoint: Callable[[int], None],
               logger: MetricsLogger, postfix: Callable[[dict[str, Any]], dict[str, str]]) -> dict[str, Any]:
     """The step loop every stage shares: train steps `start..steps` with a progress bar; log, evaluate and
-    checkpoint on `run`'s schedule; checkpoint on Ctrl-C; at the end checkpoint and return the final eval."""
-    current = start
+    checkpoint on `run`'s schedule; at the end checkpoint and return the final eval.
+
+    Ctrl-C (see `StopRequest`): the step in flight completes, is logged and checkpointed at the step boundary,
+    then KeyboardInterrupt is raised; `run.resume=auto` continues the same curve. A second Ctrl-C stops at once.
+    """
+    current, saved = start, None
+    stop = StopRequest(name)
     bar = tqdm(total=steps, initial=start, desc=name, unit="step", dynamic_ncols=True)
     try:
-        while current < steps:
-            metrics = step(current)
-            current += 1
-            bar.update(1)
-            bar.set_postfix(**postfix(metrics))
-            if current % run.log_every == 0 or current == steps:
-                logger.log(current, metrics)
-            if run.eval_every and current % run.eval_every == 0 and current < steps:
-                evaluate(current)
-            if run.save_every and current % run.save_every == 0 and current < steps:
+        with stop.installed():
+            while current < steps and not stop.requested:
+                metrics = step(current)
+                current += 1
+                bar.update(1)
+                bar.set_postfix(**postfix(metrics))
+                if current % run.log_every == 0 or current == steps or stop.requested:
+                    logger.log(current, metrics)
+                if stop.requested:
+                    break
+                if run.eval_every and current % run.eval_every == 0 and current < steps:
+                    evaluate(current)
+                if run.save_every and current % run.save_every == 0 and current < steps:
+                    checkpoint(current)
+                    saved = current
+            if saved != current:
                 checkpoint(current)
-    except KeyboardInterrupt:
-        tqdm.write(f"[{name}] interrupted: checkpointing step {current}; run.resume=auto continues")
-        checkpoint(current)
-        raise
     finally:
         bar.close()
-    checkpoint(current)
+    if stop.requested:
+        tqdm.write(f"[{name}] stopped by Ctrl-C after step {current} (checkpointed); run.resume=auto continues")
+        raise KeyboardInterrupt
     return evaluate(current)

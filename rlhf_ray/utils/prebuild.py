@@ -14,7 +14,7 @@ def main() -> None:
     from rlhf_ray.models.tiny import cache_dir, ensure_tiny_model
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
-    for preset in ("tiny",):
+    for preset in ("tiny", "llama", "chatml"):  # the three chat families the tests and demo use
         began = time.perf_counter()
         path = ensure_tiny_model(preset)
         print(f"[prebuild] tiny model {preset!r}: {path} ({time.perf_counter() - began:.1f} s)")

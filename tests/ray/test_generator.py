@@ -88,14 +88,16 @@ def generators(ray_cluster, tiny_model_path):
 
 @pytest.fixture(scope="module")
 def prompts(tiny_tokenizer) -> pa.Table:
-    ids, texts, meta = [], [], []
+    ids, texts, meta, messages = [], [], [], []
     for i, content in enumerate(CONTENTS):
         text = tiny_tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                                   tokenize=False)
         ids.append(tiny_tokenizer(text, add_special_tokens=False)["input_ids"])
         texts.append(text)
         meta.append(json.dumps({"task": "echo", "i": i}))
-    return pa.Table.from_pydict({"prompt_ids": ids, "prompt_text": texts, "metadata": meta}, schema=PROMPT_SCHEMA)
+        messages.append([{"role": "user", "content": content}])
+    return pa.Table.from_pydict({"prompt_ids": ids, "prompt_text": texts, "metadata": meta,
+                                 "prompt_messages": messages}, schema=PROMPT_SCHEMA)
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +175,8 @@ def test_generate_matches_transformers(generators, prompts_ref, prompts, tiny_to
     source = prompts.to_pylist()
     for row in table.to_pylist():
         prompt = source[row["prompt_index"]]
-        assert (row["prompt_ids"], row["prompt_text"], row["metadata"]) == (
-            prompt["prompt_ids"], prompt["prompt_text"], prompt["metadata"])
+        assert (row["prompt_ids"], row["prompt_text"], row["metadata"], row["prompt_messages"]) == (
+            prompt["prompt_ids"], prompt["prompt_text"], prompt["metadata"], prompt["prompt_messages"])
         assert 1 <= len(row["response_ids"]) <= 6 and len(row["rollout_logprobs"]) == len(row["response_ids"])
         assert row["finish_reason"] == ("stop" if row["response_ids"][-1] == eos else "length")
         assert row["response_text"] == tiny_tokenizer.decode(row["response_ids"], skip_special_tokens=True)

@@ -15,6 +15,7 @@ def rollouts() -> pa.Table:
         "rollout_logprobs": [[-0.5] * len(r) for r in responses],
         "finish_reason": ["stop", "stop", "stop", "length"], "prompt_text": ["a", "a", "b", "b"],
         "response_text": ["x", "", "y", "z"], "metadata": ["{}"] * 4,
+        "prompt_messages": [[{"role": "user", "content": p}] for p in "aabb"],
     }, schema=ROLLOUT_SCHEMA)
 
 

@@ -47,6 +47,7 @@ def rollouts() -> pa.Table:
         "prompt_ids": PROMPTS, "response_ids": RESPONSES, "rollout_logprobs": ROLLOUT_LP,
         "finish_reason": FINISH, "prompt_text": [f"p{i}" for i in range(n)],
         "response_text": [f"r{i}" for i in range(n)], "metadata": [json.dumps({"i": i}) for i in range(n)],
+        "prompt_messages": [[{"role": "user", "content": f"p{i}"}] for i in range(n)],
     }, schema=ROLLOUT_SCHEMA)
 
 

@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_ray.config import STAGE_CONFIGS, PipelineConfig, RLHFConfig, RMConfig, SFTConfig
+from rlhf_ray.config import (
+    STAGE_CONFIGS,
+    PipelineConfig,
+    RLHFConfig,
+    RMConfig,
+    SFTConfig,
+)
 from rlhf_ray.config_loader import ConfigError, load_config
 from rlhf_ray.distributed.worker_group import GroupSpec, pack_bundles
 from rlhf_ray.stages.rlhf_roles import check_gpu_shares, learner_spec, role_specs

@@ -43,6 +43,7 @@ def table(tiny_tokenizer) -> pa.Table:
         "rollout_logprobs": [[0.0] * len(r) for r in response_ids], "finish_reason": ["stop"] * n,
         "prompt_text": prompts, "response_text": [r for _, r, _ in SAMPLES],
         "metadata": [json.dumps({"task": "reverse", "input": x}) for _, _, x in SAMPLES],
+        "prompt_messages": [[{"role": "user", "content": p}] for p, _, _ in SAMPLES],
     }, schema=ROLLOUT_SCHEMA)
 
 
@@ -141,13 +142,17 @@ def reward_model_dir(tmp_path_factory, tiny_model_path, tiny_tokenizer):
 
 
 def raw_scores(path, table) -> list[float]:
-    from transformers import AutoModelForSequenceClassification
+    """Each row scored alone (no padding) on its conversation rendered as in RM training."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf_ray.data.preference import candidate_ids
 
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
     out = []
     with torch.no_grad():
-        for p, r in zip(table.column("prompt_ids").to_pylist(), table.column("response_ids").to_pylist()):
-            out.append(model(input_ids=torch.tensor([p + r])).logits[0, 0].item())
+        for m, r in zip(table.column("prompt_messages").to_pylist(), table.column("response_text").to_pylist()):
+            out.append(model(input_ids=torch.tensor([candidate_ids(tok, m, r)])).logits[0, 0].item())
     return out
 
 
@@ -155,7 +160,6 @@ def test_reward_model_score_is_normalised_by_its_stats(reward_model_dir, table):
     raw = raw_scores(reward_model_dir, table)
     assert max(abs(r) for r in raw) > 0.1
     actor = RewardActor(RewardConfig(model=str(reward_model_dir)), "tiny:tiny", "cpu", micro_batch_size=2)
-    assert actor.same_tokens
     out = actor.score(table, list(range(5)))
     want = [(r - MEAN) / STD for r in raw]
     assert out.column("score").to_pylist() == pytest.approx(want, abs=1e-5)

@@ -114,3 +114,58 @@ def test_gloo_broadcast_of_buckets_between_two_ranks():
     assert [n for n, _ in received] == [n for n, _ in named]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(received, named))
     assert checksum(received) == checksum(named)
+
+
+# -- what a sync computes and copies (item 7 of issue 9) --------------------------------------------------------
+def test_checksums_are_asked_for_only_on_verified_syncs():
+    from rlhf_ray.distributed.weight_transfer import wants_verification
+
+    assert [wants_verification("never", i) for i in (1, 2, 3)] == [False] * 3
+    assert [wants_verification("first", i) for i in (1, 2, 3)] == [True, False, False]
+    assert [wants_verification("every", i) for i in (1, 2, 3)] == [True] * 3
+    with pytest.raises(ValueError, match="sync.verify"):
+        wants_verification("sometimes", 1)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(300, 64), torch.nn.Linear(64, 64), torch.nn.LayerNorm(64),
+                               torch.nn.Linear(64, 300, bias=False))
+
+
+def test_full_parameters_under_zero_0_2_come_from_rank_0_only_and_uncopied():
+    from rlhf_ray.distributed.deepspeed_setup import iter_full_parameters
+
+    model = _model()
+    for stage in (0, 1, 2):
+        assert list(iter_full_parameters(model, stage, rank=1)) == []  # other ranks: nothing, at once
+        got = list(iter_full_parameters(model, stage, rank=0))
+        assert [n for n, _ in got] == [n for n, _ in model.named_parameters()]
+        # Already where they are wanted (CPU): the live storage, not a copy of the model.
+        assert all(t.data_ptr() == p.data_ptr() for (_, t), p in zip(got, model.parameters()))
+        assert not any(t.requires_grad for _, t in got)
+
+
+def test_zero3_gather_buckets_are_the_plans_buckets_and_honour_bucket_bytes():
+    from rlhf_ray.distributed.deepspeed_setup import parameter_buckets, parameter_metas
+
+    model = _model()
+    sizes = {n: p.numel() * 4 for n, p in model.named_parameters()}  # 76800, 16384, 256, 256, 256, 76800
+    for bucket_bytes in (1, 20_000, 80_000, 1 << 20):
+        gathers = parameter_buckets(model, bucket_bytes)
+        plan = plan_buckets(parameter_metas(model), bucket_bytes)
+        assert [[n for n, _ in g] for g in gathers] == [[m.name for m in b] for b in plan]
+        assert [n for g in gathers for n, _ in g] == list(sizes)  # every parameter once, in order
+        for g in gathers:
+            assert len(g) == 1 or sum(sizes[n] for n, _ in g) <= bucket_bytes
+    assert len(parameter_buckets(model, 1)) == len(sizes)
+    assert len(parameter_buckets(model, 1 << 20)) == 1
+    assert [len(g) for g in parameter_buckets(model, 20_000)] == [1, 4, 1]
+
+
+def test_parameter_metas_report_full_shapes_of_partitioned_parameters():
+    from rlhf_ray.distributed.deepspeed_setup import parameter_metas
+
+    model = torch.nn.Linear(4, 3)
+    model.weight.ds_shape = torch.Size([30, 40])  # what a ZeRO-3 partitioned parameter carries
+    assert parameter_metas(model) == [TensorMeta("weight", "float32", (30, 40)), TensorMeta("bias", "float32", (3,))]
