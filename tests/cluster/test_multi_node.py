@@ -25,11 +25,11 @@ def test_roles_are_placed_on_the_nodes_the_config_names(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex,
            "RAY_TMPDIR": tempfile.mkdtemp(prefix="rr2n_", dir="/tmp")}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(HERE / "two_node_step.py"), str(prompts)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(lines[-1][len("REPORT "):])
+    report_file = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(HERE / "two_node_step.py"), str(prompts), str(report_file)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and report_file.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(report_file.read_text())
     gen_node = next(n for n, tags in report["nodes"].items() if "gen_node" in tags)
     learner_node = next(n for n, tags in report["nodes"].items() if "learner_node" in tags)
     assert gen_node != learner_node
@@ -47,8 +47,8 @@ def test_asking_for_more_than_the_cluster_has_fails_fast(ray_cluster, tmp_path):
     files = write_jsonl(make_rows(["sort"], 64, seed=1), tmp_path / "train.jsonl")
     cfg = load_config(RLHFConfig, None, [f"data.train={files}", "run.max_steps=1", "learner.device=cuda",
                                          "learner.num_ranks=4", "learner.micro_batch_size=16",
-                                         "learner.cpus_per_rank=0.25"])
-    with pytest.raises(PlacementError, match=r"the roles need \d+ GPU in all \(policy learner 4, generators 1"):
+                                         "learner.cpus_per_rank=0.25", "reference.gpus_per_actor=0.5"])
+    with pytest.raises(PlacementError, match=r"the roles need [\d.]+ GPU in all \(policy learner 4, generators 1"):
         Roles.create(cfg)
     sft = load_config(SFTConfig, None, [f"data.train={files}", f"run.output_dir={tmp_path}", "run.max_steps=1",
                                         "learner.num_ranks=12", "learner.micro_batch_size=2"])

@@ -1,7 +1,8 @@
 """One RLHF step on a two-node Ray cluster on this machine (run by test_multi_node.py in its own process).
 
 Node A (the head) carries a `gen_node` resource, node B a `learner_node` resource; the config places the
-generator and scorers on A and the learner ranks on B. Prints a JSON report of where each actor ran.
+generator and scorers on A and the learner ranks on B. Writes a JSON report of where each actor ran to the file
+named by its second argument (not stdout, where the actors' streamed logs can land on the same line).
 """
 
 import json
@@ -21,7 +22,7 @@ from rlhf_ray.stages.rlhf import RLHFLoop
 from rlhf_ray.stages.rlhf_roles import Roles
 
 
-def main(prompts_file: str) -> None:
+def main(prompts_file: str, report_file: str) -> None:
     # RAY_TMPDIR (set by the test) keeps even Ray's "current cluster" file out of the shared /tmp/ray.
     temp = os.environ["RAY_TMPDIR"]
     os.makedirs(os.path.join(temp, "ray"), exist_ok=True)
@@ -38,7 +39,7 @@ def main(prompts_file: str) -> None:
             "generator.cpu_kv_cache_gib=0.25", "learner.num_ranks=2", "learner.micro_batch_size=8",
             "generator.resources_per_engine={gen_node: 1}", "reference.resources_per_actor={gen_node: 1}",
             "reward.resources_per_actor={gen_node: 1}", "learner.resources_per_rank={learner_node: 1}",
-            "sync.verify=every"])
+            "sync.verify=every", "reward.functions=[{path: 'rlhf_ray.rewards.tasks:task_score'}]"])
         tokenizer = load_tokenizer(cfg.policy)
         prompts, _ = load_prompts(cfg.data.train, tokenizer, 64)
         roles = Roles.create(cfg)
@@ -57,11 +58,11 @@ def main(prompts_file: str) -> None:
             }
         finally:
             roles.shutdown()
-        print("REPORT " + json.dumps(report))
+        Path(report_file).write_text(json.dumps(report))
     finally:
         ray.shutdown()
         cluster.shutdown()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

@@ -7,10 +7,12 @@ already hold the new weights. The resumed run must continue the uninterrupted ru
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,23 +47,33 @@ def send_sigint(pid: int) -> None:
     os.kill(pid, signal.SIGINT)
 
 
-def test_ctrl_c_mid_step_then_resume_continues_the_same_curve(ray_cluster, tmp_path, monkeypatch):
-    data = write_sft_dataset(tmp_path / "data", tasks=("reverse",), n_train=200, n_eval=16, seed=5)
-    full = run_sft(sft_config(data, tmp_path, "full", "never"))
-
+@contextlib.contextmanager
+def sigint_after_update(monkeypatch, nth: int) -> Iterator[list[int]]:
+    """A real SIGINT to this (driver) process, sent by a Ray task right after the `nth` learner update returns;
+    yields the list of updates made."""
     original, calls = LearnerGroup.train_step, []
 
     def interrupted_train_step(self, *args, **kwargs):
-        metrics = original(self, *args, **kwargs)  # the learners have applied this step's update
+        metrics = original(self, *args, **kwargs)  # the learners have applied this update
         calls.append(len(calls))
-        if len(calls) == 3:  # Ctrl-C while the driver blocks in ray.get, in the middle of step 3
+        if len(calls) == nth:
             ray.get(ray.remote(num_cpus=0)(send_sigint).remote(os.getpid()))
         return metrics
 
     monkeypatch.setattr(LearnerGroup, "train_step", interrupted_train_step)
-    with pytest.raises(KeyboardInterrupt):
+    try:
+        yield calls
+    finally:
+        monkeypatch.setattr(LearnerGroup, "train_step", original)
+
+
+def test_ctrl_c_mid_step_then_resume_continues_the_same_curve(ray_cluster, tmp_path, monkeypatch):
+    data = write_sft_dataset(tmp_path / "data", tasks=("reverse",), n_train=200, n_eval=16, seed=5)
+    full = run_sft(sft_config(data, tmp_path, "full", "never"))
+
+    # Ctrl-C while the driver blocks in ray.get, in the middle of step 3 (after the learners' update).
+    with pytest.raises(KeyboardInterrupt), sigint_after_update(monkeypatch, 3) as calls:
         run_sft(sft_config(data, tmp_path, "cut", "never"))
-    monkeypatch.setattr(LearnerGroup, "train_step", original)
     run_dir = tmp_path / "cut"
     assert len(calls) == 3  # nothing ran after the interrupted step
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000003"]
@@ -95,19 +107,9 @@ def test_rlhf_ctrl_c_mid_step_then_resume_continues_the_same_curve(ray_cluster, 
     data = write_sft_dataset(tmp_path / "data", tasks=("reverse",), n_train=64, n_eval=8, seed=5)
     full = run_rlhf(rlhf_config(data, tmp_path, "full", "never"))
 
-    original, calls = LearnerGroup.train_step, []
-
-    def interrupted_train_step(self, *args, **kwargs):
-        metrics = original(self, *args, **kwargs)
-        calls.append(len(calls))
-        if len(calls) == 2:  # step 2: after the update, before the sync and the KL controller's update
-            ray.get(ray.remote(num_cpus=0)(send_sigint).remote(os.getpid()))
-        return metrics
-
-    monkeypatch.setattr(LearnerGroup, "train_step", interrupted_train_step)
-    with pytest.raises(KeyboardInterrupt):
+    # Step 2: after the update, before the sync and the KL controller's update.
+    with pytest.raises(KeyboardInterrupt), sigint_after_update(monkeypatch, 2) as calls:
         run_rlhf(rlhf_config(data, tmp_path, "cut", "never"))
-    monkeypatch.setattr(LearnerGroup, "train_step", original)
     assert len(calls) == 2
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step_00000002"]
 
