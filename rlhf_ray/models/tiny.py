@@ -81,8 +81,11 @@ FAMILIES: dict[str, Family] = {
     # embedding (text containing it would index out of range).
     "qwen2": Family("qwen2", tuple(SPECIAL_TOKENS), CHAT_TEMPLATE, eos="<|end|>", bos="<|bos|>", pad="<|pad|>",
                     unk="<|end|>"),
+    # RoPE base 10000, not Llama 3's 500000: at head_dim 32 and 50-token sequences that base leaves positions
+    # nearly indistinguishable, and the position-bound character tasks barely learnable (400 SFT steps: 0.19
+    # exact match against ChatML's 0.47). The family is about the chat shape, not the RoPE base.
     "llama": Family("llama", tuple(LLAMA_SPECIAL_TOKENS), LLAMA_CHAT_TEMPLATE, eos="<|end_of_text|>",
-                    bos="<|begin_of_text|>", rope_theta=500000.0),
+                    bos="<|begin_of_text|>"),
     "chatml": Family("qwen2", tuple(CHATML_SPECIAL_TOKENS), CHATML_CHAT_TEMPLATE, eos="<|endoftext|>",
                      pad="<|endoftext|>", unk="<|endoftext|>", tie_word_embeddings=False),
 }
@@ -109,7 +112,7 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 PRESET_FAMILY: dict[str, str] = {"llama": "llama", "chatml": "chatml", "chatml-100m": "chatml"}  # else qwen2
 TINY_PREFIX = "tiny:"
-_FORMAT_VERSION = "2"  # bump when the recipe changes, so caches rebuild
+_FORMAT_VERSION = "3"  # bump when the recipe changes, so caches rebuild
 
 
 def cache_dir() -> Path:
