@@ -94,7 +94,7 @@ class ReferenceActor:
 class RewardActor:
     """Sequence scores: a weighted sum of the reward model's (normalised) score and rule-based functions."""
 
-    def __init__(self, cfg: RewardConfig, policy_tokenizer_path: str, device: str, micro_batch_size: int = 32):
+    def __init__(self, cfg: RewardConfig, device: str, micro_batch_size: int = 32):
         from rlhf_ray.rewards import load_reward_function
 
         _quiet_transformers()
@@ -104,9 +104,9 @@ class RewardActor:
         self.functions = [(f.path, load_reward_function(f.path), f.weight) for f in cfg.functions]
         self.model: Optional[torch.nn.Module] = None
         if cfg.model:
-            self._load_reward_model(cfg.model, policy_tokenizer_path)
+            self._load_reward_model(cfg.model)
 
-    def _load_reward_model(self, path: str, policy_tokenizer_path: str) -> None:
+    def _load_reward_model(self, path: str) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from rlhf_ray.data.sft import require_chat_template
@@ -120,8 +120,8 @@ class RewardActor:
             raise ValueError(f"reward model {path}: its config has no pad_token_id, so it cannot find the last "
                              "token of a padded sequence; set pad_token_id in its config.json")
         # Samples are re-rendered with the reward model's own tokenizer and template, exactly as its training
-        # candidates were, whatever the policy's tokenizer (policy_tokenizer_path is not needed for that): the
-        # policy's ids end elsewhere (ChatML's "\n" after <|im_end|> is never generated).
+        # candidates were, whatever the policy's tokenizer: the policy's ids end elsewhere (ChatML's "\n" after
+        # <|im_end|> is never generated).
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         require_chat_template(self.tokenizer)
         stats_file = Path(path) / "reward_stats.json"

@@ -183,7 +183,7 @@ class Roles:
                                     policy_opts["temperature"])
         w = cfg.reward
         reward_pg, reward = _actors(RewardActor, "reward", w.num_actors, w.cpus_per_actor, w.gpus_per_actor,
-                                    w.resources_per_actor, device, w, cfg.policy.tokenizer or cfg.policy.path, device)
+                                    w.resources_per_actor, device, w, device)
         sync = WeightSync(cfg.sync, learners, generators)
         return cls(generators, reference, reward, learners, critic, sync, [ref_pg, reward_pg])
 

@@ -237,7 +237,7 @@ def rm_training_scores(rm_dir, prompt_table: pa.Table, rollouts: pa.Table, tmp_p
 def test_reward_actor_scores_what_rm_training_scores(family, tok, prompt_table, reward_model_dir, tmp_path):
     rollouts = rollouts_like_the_generator(tok, prompt_table)
     want = rm_training_scores(reward_model_dir, prompt_table, rollouts, tmp_path)
-    actor = RewardActor(RewardConfig(model=str(reward_model_dir), normalize=False), f"tiny:{family}", "cpu",
+    actor = RewardActor(RewardConfig(model=str(reward_model_dir), normalize=False), "cpu",
                         micro_batch_size=4)
     got = actor.score(rollouts, list(range(rollouts.num_rows))).column("score").to_pylist()
     assert max(abs(g - w) for g, w in zip(got, want)) <= 1e-5
@@ -258,6 +258,6 @@ def test_reward_actor_needs_the_prompt_messages(tok, prompt_table, reward_model_
     rollouts = rollouts_like_the_generator(tok, prompt_table)
     empty = pa.array([[]] * rollouts.num_rows, ROLLOUT_SCHEMA.field("prompt_messages").type)
     rollouts = rollouts.set_column(rollouts.schema.get_field_index("prompt_messages"), "prompt_messages", empty)
-    actor = RewardActor(RewardConfig(model=str(reward_model_dir)), "tiny:tiny", "cpu")
+    actor = RewardActor(RewardConfig(model=str(reward_model_dir)), "cpu")
     with pytest.raises(ValueError, match="rollout row 0: prompt_messages is empty"):
         actor.score(rollouts, [0])

@@ -92,7 +92,7 @@ def test_reference_actor_scores_the_given_rows(model, table):
 
 def rule_actor(weight: float = 2.0, clip: float | None = None) -> RewardActor:
     cfg = RewardConfig(functions=(RewardFunctionConfig(TASK_SCORE, weight),), clip=clip)
-    return RewardActor(cfg, "tiny:tiny", "cpu")
+    return RewardActor(cfg, "cpu")
 
 
 CHECKER = [1.0, 1.0, 0.0, 0.75, 0.5]  # score_answer of SAMPLES: right, right, empty, 3 of 4, 1 of 2
@@ -117,7 +117,7 @@ def test_rule_reward_clip(table):
 def test_a_bad_reward_function_path_fails_at_construction():
     cfg = RewardConfig(functions=(RewardFunctionConfig("rlhf_ray.rewards.tasks:nope"),))
     with pytest.raises(RewardFunctionError, match="nope"):
-        RewardActor(cfg, "tiny:tiny", "cpu")
+        RewardActor(cfg, "cpu")
 
 
 # -- reward model -----------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def raw_scores(path, table) -> list[float]:
 def test_reward_model_score_is_normalised_by_its_stats(reward_model_dir, table):
     raw = raw_scores(reward_model_dir, table)
     assert max(abs(r) for r in raw) > 0.1
-    actor = RewardActor(RewardConfig(model=str(reward_model_dir)), "tiny:tiny", "cpu", micro_batch_size=2)
+    actor = RewardActor(RewardConfig(model=str(reward_model_dir)), "cpu", micro_batch_size=2)
     out = actor.score(table, list(range(5)))
     want = [(r - MEAN) / STD for r in raw]
     assert out.column("score").to_pylist() == pytest.approx(want, abs=1e-5)
@@ -169,7 +169,7 @@ def test_reward_model_score_is_normalised_by_its_stats(reward_model_dir, table):
 def test_reward_model_without_normalisation_gives_raw_scores(reward_model_dir, table):
     raw = raw_scores(reward_model_dir, table)
     cfg = RewardConfig(model=str(reward_model_dir), normalize=False)
-    out = RewardActor(cfg, "tiny:tiny", "cpu", micro_batch_size=3).score(table, list(range(5)))
+    out = RewardActor(cfg, "cpu", micro_batch_size=3).score(table, list(range(5)))
     assert out.column("score").to_pylist() == pytest.approx(raw, abs=1e-5)
 
 
@@ -177,14 +177,14 @@ def test_reward_model_and_rules_are_summed_with_their_weights(reward_model_dir, 
     raw = raw_scores(reward_model_dir, table)
     cfg = RewardConfig(model=str(reward_model_dir), model_weight=0.5,
                        functions=(RewardFunctionConfig(TASK_SCORE, 3.0),))
-    out = RewardActor(cfg, "tiny:tiny", "cpu").score(table, list(range(5)))
+    out = RewardActor(cfg, "cpu").score(table, list(range(5)))
     want = [0.5 * (r - MEAN) / STD + 3.0 * c for r, c in zip(raw, CHECKER)]
     assert out.column("score").to_pylist() == pytest.approx(want, abs=1e-5)
     assert out.column_names == ["row", "score", "score/reward_model", "score/task_score"]
 
 
 def test_a_non_finite_model_score_is_an_error_even_when_clipped(reward_model_dir, table, monkeypatch):
-    actor = RewardActor(RewardConfig(model=str(reward_model_dir), clip=1.0), "tiny:tiny", "cpu")
+    actor = RewardActor(RewardConfig(model=str(reward_model_dir), clip=1.0), "cpu")
     monkeypatch.setattr(actor, "_model_scores", lambda rollouts: [math.nan] * rollouts.num_rows)
     with pytest.raises(ValueError, match="non-finite"):
         actor.score(table, [0, 1])
