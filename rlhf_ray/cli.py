@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from rlhf_ray.config import STAGE_CONFIGS
+from rlhf_ray.config import PipelineConfig, RLHFConfig, RMConfig, SFTConfig
 from rlhf_ray.config_loader import ConfigError, config_help, load_config
 from rlhf_ray.data.errors import DataError
+from rlhf_ray.label.config import LabelConfig
 from rlhf_ray.rewards import RewardFunctionError
 
 
@@ -77,6 +78,8 @@ STAGE_RUNNERS: dict[str, Callable] = {"sft": _run_sft, "rm": _run_rm, "rlhf": _r
                                       "pipeline": _run_pipeline, "label": _run_label,
                                       "label-summary": _run_label_summary}
 # The config class of each command: its stage's, or the one it reports on.
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "rlhf": RLHFConfig, "pipeline": PipelineConfig,
+                                  "label": LabelConfig}
 COMMAND_CONFIGS: dict[str, type] = {**STAGE_CONFIGS, "label-summary": STAGE_CONFIGS["label"]}
 HELP_LINES = {"label-summary": "Counts per annotator, agreement between annotators, A/B win rate of the labels "
                                "in a label config's output_dir"}

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from rlhf_ray.config import LabelConfig, ModelConfig
+from rlhf_ray.config import ModelConfig
+from rlhf_ray.label.config import LabelConfig
 from rlhf_ray.config_loader import ConfigError
 from rlhf_ray.data.errors import DataError
 from rlhf_ray.data.synthetic import write_jsonl

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from rlhf_ray.config import LabelConfig
+from rlhf_ray.label.config import LabelConfig
 from rlhf_ray.data.errors import DataError, location_word
 from rlhf_ray.data.loading import Record, collect_valid, read_records
 

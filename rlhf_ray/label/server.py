@@ -27,7 +27,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from rlhf_ray.config import LabelConfig, LabelServerConfig, check_annotator_tokens
+from rlhf_ray.label.config import LabelConfig, LabelServerConfig, check_annotator_tokens
 from rlhf_ray.config_loader import ConfigError
 from rlhf_ray.label.items import LabelItem, display_order, prompt_messages
 from rlhf_ray.label.judgements import (

@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 
 import pytest
 
-from rlhf_ray.config import LabelConfig
+from rlhf_ray.label.config import LabelConfig
 from rlhf_ray.config_loader import load_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_ray.config import (STAGE_CONFIGS, DataConfig, LearnerConfig, PipelineConfig, RewardConfig,
+from rlhf_ray.cli import STAGE_CONFIGS
+from rlhf_ray.config import (DataConfig, LearnerConfig, PipelineConfig, RewardConfig,
                              RewardFunctionConfig, RLHFConfig, RunConfig, SFTConfig)
 from rlhf_ray.config_loader import ConfigError, config_help, load_config, parse_override, save_config, to_dict
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rlhf_ray.cli import STAGE_CONFIGS
 from rlhf_ray.config import (
-    STAGE_CONFIGS,
     PipelineConfig,
     RLHFConfig,
     RMConfig,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_ray.cli import main
-from rlhf_ray.config import LabelServerConfig
+from rlhf_ray.label.config import LabelServerConfig
 from rlhf_ray.config_loader import ConfigError, load_config
 from rlhf_ray.label.items import LabelItem
 from rlhf_ray.label.judgements import make_record

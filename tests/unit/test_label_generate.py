@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_ray.config import LabelConfig
+from rlhf_ray.label.config import LabelConfig
 from rlhf_ray.config_loader import ConfigError, load_config
 from rlhf_ray.label.generate import GenerationJob, candidate_rows, generation_jobs, job_key, read_prompt_rows
 from rlhf_ray.label.items import load_items

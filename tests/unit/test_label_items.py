@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_ray.config import LabelConfig
+from rlhf_ray.label.config import LabelConfig
 from rlhf_ray.config_loader import ConfigError, load_config
 from rlhf_ray.data.errors import DataError
 from rlhf_ray.label.items import (

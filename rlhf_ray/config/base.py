@@ -1,0 +1,100 @@
+"""Configuration shared by every stage: the model, the DeepSpeed learner group, the run directory and
+schedule, evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from rlhf_ray.config_loader import ConfigError, doc
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = doc("Model to start from: a Hugging Face hub name, a local directory, or tiny:<preset> "
+                    "(tiny, small, base) for an offline random-init model built into the cache.",
+                    "tiny:tiny")
+    tokenizer: Optional[str] = doc("Tokenizer name or directory; null uses the model's own.", None)
+    dtype: DType = doc("Training dtype; auto is float32 on CPU (bf16 is 3-8x slower without AVX512-BF16) "
+                       "and bfloat16 on CUDA.", "auto")
+    trust_remote_code: bool = doc("Allow model code from the hub to run (off unless you trust it).", False)
+    gradient_checkpointing: bool = doc("Recompute activations in backward to save memory.", False)
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    num_ranks: int = doc("Data-parallel ranks (Ray actors) of the DeepSpeed job.", 1, ge=1)
+    zero_stage: int = doc("DeepSpeed ZeRO stage: 0 (plain DDP), 1 (optimizer), 2 (+gradients), "
+                          "3 (+parameters).", 2, ge=0, le=3)
+    micro_batch_size: int = doc("Sequences per rank per forward/backward.", 8, ge=1)
+    grad_accum: int = doc("Micro-batches accumulated per optimizer step; a step sees "
+                          "num_ranks * micro_batch_size * grad_accum sequences.", 1, ge=1)
+    optimizer: Literal["auto", "adamw", "cpu_adam", "fused_adam"] = doc(
+        "auto: torch AdamW (nothing to compile), DeepSpeedCPUAdam when offloading the optimizer. "
+        "cpu_adam/fused_adam are DeepSpeed ops compiled on first use (about 150 s each on 2 cores).", "auto")
+    lr: float = doc("Peak learning rate.", 1e-4, gt=0.0)
+    weight_decay: float = doc("AdamW weight decay.", 0.0, ge=0.0)
+    adam_betas: tuple[float, ...] = doc("AdamW betas.", (0.9, 0.95))
+    lr_schedule: Literal["constant", "linear", "cosine"] = doc("Decay after warmup.", "cosine")
+    warmup_steps: int = doc("Linear warmup steps from 0 to lr.", 0, ge=0)
+    min_lr_ratio: float = doc("Final lr as a fraction of lr for linear/cosine decay.", 0.1, ge=0.0, le=1.0)
+    max_grad_norm: float = doc("Clip the global gradient norm to this; 0 turns clipping off.", 1.0, ge=0.0)
+    offload_optimizer: bool = doc("Keep optimizer state in CPU memory (ZeRO-Offload; GPU only).", False)
+    device: Device = doc("auto picks CUDA when the ranks see a GPU, else CPU.", "auto")
+    cpus_per_rank: float = doc("CPUs reserved for each rank in the placement group.", 1.0, gt=0.0)
+    gpus_per_rank: float = doc("GPUs reserved for each rank when device is cuda.", 1.0, ge=0.0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = doc(
+        "Ray placement group strategy for the ranks.", "PACK")
+    resources_per_rank: dict[str, float] = doc(
+        "Custom Ray resources each rank also reserves, e.g. {learner_nodes: 1} to place the ranks on nodes "
+        "started with that resource.", default_factory=dict)
+
+    def __post_init__(self):
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"learner.adam_betas: expected two numbers, got {list(self.adam_betas)}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("learner.offload_optimizer needs learner.zero_stage >= 1")
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.num_ranks * self.micro_batch_size * self.grad_accum
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = doc("Run name; outputs go to <output_dir>/<name>/.", "run")
+    output_dir: str = doc("Parent directory of run directories (a path every node can reach on a cluster).",
+                          "runs")
+    # numpy (data order, np.random.seed in the learner) takes only seeds in [0, 2**32).
+    seed: int = doc("Seed for data order, initialisation and sampling.", 0, ge=0, le=2**32 - 1)
+    max_steps: int = doc("Optimizer steps to train; -1 derives them from epochs.", -1, ge=-1)
+    epochs: float = doc("Passes over the training data when max_steps is -1.", 1.0, gt=0.0)
+    log_every: int = doc("Log metrics every N steps.", 1, ge=1)
+    eval_every: int = doc("Evaluate every N steps; 0 evaluates only at the end.", 0, ge=0)
+    save_every: int = doc("Checkpoint every N steps; 0 checkpoints only at the end.", 0, ge=0)
+    keep_checkpoints: int = doc("Checkpoints kept on disk (oldest removed first).", 2, ge=1)
+    save_rollouts_every: int = doc("RLHF: write every N-th step's samples (text, score, KL, length) to "
+                                   "rollouts/step_N.parquet; 0: never.", 0, ge=0)
+    resume: str = doc("auto: continue from the newest checkpoint in the run directory if there is one; "
+                      "never: start fresh (fails if the run directory holds checkpoints); "
+                      "or the path of a checkpoint directory.", "auto")
+    ray_address: Optional[str] = doc("Ray cluster to join (e.g. auto, ray://head:10001); null starts a "
+                                     "local Ray instance with its own temp dir.", None)
+    num_cpus: Optional[int] = doc("Logical CPUs of the local Ray instance; null uses the machine's core count.",
+                                  None, ge=1)
+
+    def __post_init__(self):
+        if self.max_steps == 0:
+            raise ConfigError("run.max_steps: must be -1 (derive from run.epochs) or >= 1, got 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    max_new_tokens: int = doc("Longest generated answer when evaluating.", 32, ge=1)
+    num_generate: int = doc("Held-out prompts answered greedily and scored by the task checker "
+                            "(rows that carry a `task` field); 0 skips generation.", 64, ge=0)
+    num_print: int = doc("Generated samples printed next to their references.", 4, ge=0)
+    at_start: bool = doc("Also evaluate the starting model, so the run shows before and after.", True)

