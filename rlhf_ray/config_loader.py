@@ -19,6 +19,27 @@ import yaml
 
 T = TypeVar("T")
 
+# Config keys that were renamed or moved: old dotted key -> new one, both relative to a stage's config. A config
+# still giving an old key is told its new name; under a pipeline (`rlhf.data.max_eval_prompts`) the stage's
+# prefix is kept.
+MOVED_KEYS: dict[str, str] = {
+    "data.max_eval_prompts": "eval.num_generate",
+    # Every role's placement is one `placement` section (config.base.PlacementConfig).
+    **{f"{role}.{old}": f"{role}.placement.{new}"
+       for role, suffix in (("learner", "rank"), ("generator", "engine"), ("reference", "actor"), ("reward", "actor"))
+       for old, new in ((f"cpus_per_{suffix}", "cpus"), (f"gpus_per_{suffix}", "gpus"),
+                        (f"resources_per_{suffix}", "resources"))},
+    "learner.placement_strategy": "learner.placement.strategy",
+}
+
+
+def _moved_key(key: str) -> str | None:
+    """The new name of `key` when its tail (at a dot boundary) is an old key of MOVED_KEYS."""
+    for old, new in MOVED_KEYS.items():
+        if key == old or key.endswith("." + old):
+            return key[:len(key) - len(old)] + new
+    return None
+
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names the key and what would be valid."""
@@ -51,62 +72,90 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _to_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+def _to_int(value: Any, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise ConfigError(f"{key}: expected an integer, got {value!r}")
+
+
+def _to_float(value: Any, key: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-4" as a string
+        except ValueError:
+            pass
+    raise ConfigError(f"{key}: expected a number, got {value!r}")
+
+
+def _to_str(value: Any, key: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{key}: expected a string, got {value!r}")
+
+
+SCALAR_CONVERTERS: dict[type, typing.Callable[[Any, str], Any]] = {
+    bool: _to_bool, int: _to_int, float: _to_float, str: _to_str,
+}
+
+
+def _convert_union(value: Any, tp: Any, key: str) -> Any:
+    """`value` as the first member of the union `tp` that accepts it (None only where `tp` allows it)."""
+    args = get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(value, arg, key)
+        except ConfigError:
+            continue  # try the next member; the error below names them all
+    raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+
+
+def _convert_tuple(value: Any, tp: Any, key: str) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    item_tp = get_args(tp)[0]
+    return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+
+
+def _convert_section(value: Any, tp: type, key: str) -> Any:
+    """A nested config dataclass: kept as is, or built from a mapping of its fields."""
+    if isinstance(value, tp):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+    return _build(tp, value, key + ".")
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check/convert one YAML value against a type annotation."""
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as err:
-                errors.append(err)
-        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+        return _convert_union(value, tp, key)
     if origin is Literal:
         if value not in get_args(tp):
             raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
         return value
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
-        item_tp = get_args(tp)[0]
-        return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+        return _convert_tuple(value, tp, key)
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key + ".")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads "1e-4" as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return _convert_section(value, tp, key)
+    if isinstance(tp, type) and tp in SCALAR_CONVERTERS:
+        return SCALAR_CONVERTERS[tp](value, key)
     if tp is dict or origin is dict:
         if isinstance(value, dict):
             return dict(value)
@@ -129,6 +178,10 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
     hints = _type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
+    for name in unknown:
+        moved = _moved_key(prefix + name)
+        if moved is not None:
+            raise ConfigError(f"`{prefix}{name}` is now `{moved}`")
     if unknown:
         raise ConfigError(f"unknown config key {prefix}{unknown[0]}; valid keys under "
                           f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}")
@@ -227,17 +280,24 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def config_help(cls: type, prefix: str = "") -> str:
-    """Every key with its type, default and help text: the CLI's `--help`."""
+def config_help(cls: type, prefix: str = "", defaults: Any = None) -> str:
+    """Every key with its type, default and help text: the CLI's `--help`. `defaults`: the section's own
+    default instance when its field builds one (e.g. a scorer's placement defaults to 0.5 CPUs)."""
     lines = []
     hints = _type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
+            section = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            if defaults is not None:
+                section = getattr(defaults, f.name)
             lines.append(f"\n{prefix}{f.name}:  {f.metadata.get('help', '')}".rstrip())
-            lines.append(config_help(tp, prefix + f.name + "."))
+            lines.append(config_help(tp, prefix + f.name + ".", section))
             continue
-        if f.default is not dataclasses.MISSING:
+        if defaults is not None:
+            value = getattr(defaults, f.name)
+            default = json.dumps(list(value) if isinstance(value, tuple) else value)
+        elif f.default is not dataclasses.MISSING:
             default = json.dumps(f.default) if not isinstance(f.default, tuple) else json.dumps(list(f.default))
         elif f.default_factory is not dataclasses.MISSING:
             default = json.dumps(to_dict(f.default_factory()))

@@ -69,7 +69,7 @@ def naive_loss(model, batch, with_entropy: bool):
 
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     logprobs = next_token_logprobs(logits, batch.input_ids).gather(1, batch.response_index)
-    out = ppo_policy_loss(logprobs, batch.fields["old_logprobs"], batch.fields["advantages"], batch.mask, 0.2)
+    out = ppo_policy_loss(logprobs, batch.old_logprobs, batch.advantages, batch.mask, 0.2)
     if with_entropy:
         entropy = entropy_from_logits(logits[:, :-1].detach())
         aggregate(entropy.gather(1, batch.response_index), batch.mask, "token")

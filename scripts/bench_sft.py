@@ -104,7 +104,7 @@ def main() -> None:
                                f"learner.micro_batch_size={args.global_batch // 2}", f"run.num_cpus={threads}"))
     rows.append(("rlhf_ray, 2 ranks, ZeRO-2 (gloo)", two))
     one = learner_group(config("zero0", "learner.num_ranks=1", "learner.zero_stage=0",
-                               f"learner.micro_batch_size={args.global_batch}", f"learner.cpus_per_rank={threads}",
+                               f"learner.micro_batch_size={args.global_batch}", f"learner.placement.cpus={threads}",
                                f"run.num_cpus={threads}"))
     rows.append((f"rlhf_ray, 1 rank, ZeRO-0, {threads} threads", one))
     # This machine's speed drifts by tens of percent between minutes (a shared VM): measure the baseline

@@ -1,4 +1,4 @@
-"""Reductions over the real tokens of a padded batch.
+"""Padded batches of ragged sequences, and reductions over their real tokens.
 
 `mask` is a 0/1 indicator of the same shape as `x` (1 on real response tokens, 0 on padding); any nonzero
 entry counts as real. Padded positions are *selected away* (`torch.where`), not multiplied by 0, so garbage
@@ -7,8 +7,34 @@ there (inf, NaN, huge logits of a pad token) never leaks into a result or a grad
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int, left: bool = False,
+                  dtype: torch.dtype = torch.long) -> Tensor:
+    """[B, max_len] tensor of `sequences`, padded right (or left, for generation prompts).
+
+    Args:
+        sequences: B sequences of lengths T_i (values of any number type `dtype` holds).
+        pad_value: fills the positions past (right) or before (left) each sequence.
+        left: pad on the left, so every sequence ends at the last column.
+        dtype: of the result.
+    Returns:
+        [B, max(1, max_i T_i)]: at least one column (all `pad_value` when every sequence is empty).
+    """
+    width = max((len(s) for s in sequences), default=0)
+    out = torch.full((len(sequences), max(width, 1)), pad_value, dtype=dtype)
+    for i, seq in enumerate(sequences):
+        if len(seq):
+            values = torch.as_tensor(list(seq), dtype=dtype)
+            if left:
+                out[i, width - len(seq):] = values
+            else:
+                out[i, :len(seq)] = values
+    return out
 
 
 def _keep(x: Tensor, mask: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ from rlhf_ray.config.base import (
     EvalConfig,
     LearnerConfig,
     ModelConfig,
+    PlacementConfig,
     RunConfig,
 )
 from rlhf_ray.config.rlhf import (
@@ -24,7 +25,6 @@ from rlhf_ray.config.rlhf import (
     RewardConfig,
     RewardFunctionConfig,
     RLHFConfig,
-    RLHFEvalConfig,
     SyncConfig,
 )
 from rlhf_ray.config.supervised import (
@@ -32,13 +32,12 @@ from rlhf_ray.config.supervised import (
     RewardDataConfig,
     RewardLossConfig,
     RMConfig,
-    RMEvalConfig,
     SFTConfig,
 )
 
 __all__ = [
     "AlgorithmConfig", "CriticConfig", "DataConfig", "Device", "DType", "EvalConfig", "GeneratorConfig",
-    "LearnerConfig", "ModelConfig", "PipelineConfig", "PromptDataConfig", "ReferenceConfig", "RewardConfig",
-    "RewardDataConfig", "RewardFunctionConfig", "RewardLossConfig", "RLHFConfig", "RLHFEvalConfig", "RMConfig",
-    "RMEvalConfig", "RunConfig", "SFTConfig", "SyncConfig",
+    "LearnerConfig", "ModelConfig", "PipelineConfig", "PlacementConfig", "PromptDataConfig", "ReferenceConfig",
+    "RewardConfig", "RewardDataConfig", "RewardFunctionConfig", "RewardLossConfig", "RLHFConfig", "RMConfig",
+    "RunConfig", "SFTConfig", "SyncConfig",
 ]

@@ -25,6 +25,22 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class PlacementConfig:
+    """Where one role's workers (learner ranks, vLLM engines, scorer actors) run: what each reserves in the
+    role's Ray placement group. The same section in every role."""
+
+    cpus: float = doc("CPUs each worker reserves.", 1.0, gt=0.0)
+    gpus: Optional[float] = doc("GPUs each worker reserves on CUDA (none on CPU); null: the role's default (a "
+                                "learner rank 1, an engine its tensor_parallel_size, a scorer 0). A fraction "
+                                "shares a GPU with other roles (colocation).", None, ge=0.0)
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = doc(
+        "Ray placement group strategy for the role's workers.", "PACK")
+    resources: dict[str, float] = doc(
+        "Custom Ray resources each worker also reserves, e.g. {train_node: 1} to place the workers on nodes "
+        "started with that resource.", default_factory=dict)
+
+
+@dataclass(frozen=True)
 class LearnerConfig:
     num_ranks: int = doc("Data-parallel ranks (Ray actors) of the DeepSpeed job.", 1, ge=1)
     zero_stage: int = doc("DeepSpeed ZeRO stage: 0 (plain DDP), 1 (optimizer), 2 (+gradients), "
@@ -44,19 +60,19 @@ class LearnerConfig:
     max_grad_norm: float = doc("Clip the global gradient norm to this; 0 turns clipping off.", 1.0, ge=0.0)
     offload_optimizer: bool = doc("Keep optimizer state in CPU memory (ZeRO-Offload; GPU only).", False)
     device: Device = doc("auto picks CUDA when the ranks see a GPU, else CPU.", "auto")
-    cpus_per_rank: float = doc("CPUs reserved for each rank in the placement group.", 1.0, gt=0.0)
-    gpus_per_rank: float = doc("GPUs reserved for each rank when device is cuda.", 1.0, ge=0.0)
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = doc(
-        "Ray placement group strategy for the ranks.", "PACK")
-    resources_per_rank: dict[str, float] = doc(
-        "Custom Ray resources each rank also reserves, e.g. {learner_nodes: 1} to place the ranks on nodes "
-        "started with that resource.", default_factory=dict)
+    placement: PlacementConfig = doc("What each rank reserves (gpus null: 1 per rank on CUDA).",
+                                     default_factory=PlacementConfig)
 
     def __post_init__(self):
         if len(self.adam_betas) != 2:
             raise ConfigError(f"learner.adam_betas: expected two numbers, got {list(self.adam_betas)}")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("learner.offload_optimizer needs learner.zero_stage >= 1")
+
+    @property
+    def gpus_per_rank(self) -> float:
+        """GPUs each rank reserves on CUDA."""
+        return 1.0 if self.placement.gpus is None else self.placement.gpus
 
     @property
     def global_batch_size(self) -> int:
@@ -93,8 +109,23 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    max_new_tokens: int = doc("Longest generated answer when evaluating.", 32, ge=1)
-    num_generate: int = doc("Held-out prompts answered greedily and scored by the task checker "
-                            "(rows that carry a `task` field); 0 skips generation.", 64, ge=0)
-    num_print: int = doc("Generated samples printed next to their references.", 4, ge=0)
-    at_start: bool = doc("Also evaluate the starting model, so the run shows before and after.", True)
+    """Evaluation on held-out data: the same section in every stage (SFT, RM, RLHF); each field's help says
+    which stages use it, and each stage sets its own defaults."""
+
+    at_start: bool = doc("All stages: also evaluate the starting model, so the run shows before and after.", True)
+    num_print: int = doc("All stages: held-out samples printed at each evaluation (SFT: greedy answers next to "
+                         "their references; RM: items with their rewards; RLHF: greedy answers with "
+                         "their scores).", 4, ge=0)
+    num_generate: int = doc("SFT, RLHF: held-out prompts answered greedily at each evaluation and graded by "
+                            "eval.checker. SFT: 0 skips generation (the held-out loss remains). RLHF: at least 1; "
+                            "also the cap on prompts held out of data.train when data.eval is null. RM ignores "
+                            "it.", 64, ge=0)
+    max_new_tokens: Optional[int] = doc("SFT, RLHF: longest generated answer when evaluating; null (RLHF only, "
+                                        "its default): generator.max_new_tokens. RM ignores it.", 32, ge=1)
+    checker: Optional[str] = doc(
+        "SFT, RLHF: import path `package.module:function` of fn(metadata: dict, response: str) -> float or None "
+        "grading a greedy held-out answer (1.0 = correct; None: the row cannot be graded); reported as accuracy "
+        "(share of 1.0) and mean score over the graded rows (SFT also per metadata `task`). metadata is the "
+        "row's extra fields plus `reference` when the row has an answer. The default grades rows whose metadata "
+        "names a synthetic demo task; null: no accuracy metrics. RM ignores it.",
+        "rlhf_ray.rewards.tasks:check_answer")

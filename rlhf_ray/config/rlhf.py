@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
-from rlhf_ray.config.base import DType, LearnerConfig, ModelConfig, RunConfig
+from rlhf_ray.config.base import (
+    DType,
+    EvalConfig,
+    LearnerConfig,
+    ModelConfig,
+    PlacementConfig,
+    RunConfig,
+)
 from rlhf_ray.config.supervised import RMConfig, SFTConfig
 from rlhf_ray.config_loader import ConfigError, doc
+
+
+def _scorer_placement() -> PlacementConfig:
+    return PlacementConfig(cpus=0.5)
 
 
 @dataclass(frozen=True)
@@ -28,26 +39,25 @@ class GeneratorConfig:
                                         None)
     in_process: bool = doc("Run the engine inside its actor (VLLM_ENABLE_V1_MULTIPROCESSING=0): starts in "
                            "about 5 s instead of 30 s on CPU, and weight updates need no serialisation.", True)
-    cpus_per_engine: float = doc("CPUs reserved per engine.", 1.0, gt=0.0)
-    gpus_per_engine: Optional[float] = doc("GPUs reserved per engine on CUDA; null: tensor_parallel_size. A "
-                                           "fraction (tensor_parallel_size 1 only) shares a GPU with other "
-                                           "roles; then lower gpu_memory_utilization to match.", None, gt=0.0)
-    resources_per_engine: dict[str, float] = doc("Custom Ray resources each engine also reserves (node "
-                                                 "placement).", default_factory=dict)
+    placement: PlacementConfig = doc("What each engine reserves (gpus null: tensor_parallel_size; a fraction, "
+                                     "tensor_parallel_size 1 only, shares a GPU with other roles: then lower "
+                                     "gpu_memory_utilization to match). On CPU, placement.cpus is also the "
+                                     "engine's thread count.", default_factory=PlacementConfig)
     env_vars: dict[str, str] = doc("Extra environment variables of every engine actor (e.g. NCCL_* or VLLM_* "
                                    "settings), over the ones rlhf_ray sets.", default_factory=dict)
 
     def __post_init__(self):
-        gpus = self.gpus_per_engine
-        if gpus is not None and gpus != self.tensor_parallel_size and (gpus > 1 or self.tensor_parallel_size > 1):
-            raise ConfigError(f"generator.gpus_per_engine={gpus:g}: an engine with tensor_parallel_size="
+        gpus = self.placement.gpus
+        if gpus is not None and gpus != self.tensor_parallel_size and (gpus > 1 or self.tensor_parallel_size > 1
+                                                                       or gpus == 0):
+            raise ConfigError(f"generator.placement.gpus={gpus:g}: an engine with tensor_parallel_size="
                               f"{self.tensor_parallel_size} needs exactly that many GPUs; only a "
                               "tensor_parallel_size=1 engine may take a fraction of one GPU")
 
     @property
     def engine_gpus(self) -> float:
         """GPUs each engine reserves on CUDA."""
-        return float(self.tensor_parallel_size if self.gpus_per_engine is None else self.gpus_per_engine)
+        return float(self.tensor_parallel_size if self.placement.gpus is None else self.placement.gpus)
 
 
 @dataclass(frozen=True)
@@ -70,8 +80,7 @@ class PromptDataConfig:
     eval: Optional[str] = doc("Held-out prompts for evaluation; null holds out eval_fraction of train (seeded "
                               "by run.seed; those prompts are never trained on).", None)
     eval_fraction: float = doc("Share of train prompts held out for evaluation when eval is null (at most "
-                               "max_eval_prompts of them, at least one).", 0.05, gt=0.0, lt=1.0)
-    max_eval_prompts: int = doc("Held-out prompts answered (greedily) at each evaluation.", 64, ge=1)
+                               "eval.num_generate of them, at least one).", 0.05, gt=0.0, lt=1.0)
     max_prompt_length: int = doc("Prompts longer than this many tokens are left out and counted.", 256, ge=1)
     split: str = doc("Split to read when train/eval name a `datasets` dataset.", "train")
     skip_invalid: bool = doc("Skip and count malformed rows instead of stopping with an error.", False)
@@ -95,11 +104,8 @@ class RewardConfig:
         "(rlhf_ray.rewards.tasks:task_score grades only the synthetic demo tasks).", ())
     clip: Optional[float] = doc("Clip the summed score to [-clip, clip]; null: no clipping.", None, gt=0.0)
     num_actors: int = doc("Reward actors; rollouts are sharded across them.", 1, ge=1)
-    cpus_per_actor: float = doc("CPUs reserved per reward actor.", 0.5, gt=0.0)
-    gpus_per_actor: float = doc("GPUs per reward actor on a GPU cluster; a fraction shares a GPU with other "
-                                "roles (colocation).", 0.0, ge=0.0)
-    resources_per_actor: dict[str, float] = doc("Custom Ray resources each reward actor also reserves.",
-                                                default_factory=dict)
+    placement: PlacementConfig = doc("What each reward actor reserves (gpus null: none; on CUDA a reward model "
+                                     "needs a share, e.g. 0.25).", default_factory=_scorer_placement)
 
     def require_source(self) -> None:
         """A run needs something to score with; checked when the run starts (a pipeline fills in `model`)."""
@@ -107,17 +113,24 @@ class RewardConfig:
             raise ConfigError("reward: give reward.model (a reward model directory) and/or reward.functions "
                               "(import paths of rule-based reward functions)")
 
+    @property
+    def gpus_per_actor(self) -> float:
+        """GPUs each reward actor reserves on CUDA."""
+        return self.placement.gpus or 0.0
+
 
 @dataclass(frozen=True)
 class ReferenceConfig:
     path: Optional[str] = doc("Reference policy for the KL term; null uses policy.path (the SFT model).", None)
     num_actors: int = doc("Reference actors; rollouts are sharded across them.", 1, ge=1)
-    cpus_per_actor: float = doc("CPUs reserved per reference actor.", 0.5, gt=0.0)
-    gpus_per_actor: float = doc("GPUs per reference actor on a GPU cluster; a fraction shares a GPU with "
-                                "other roles (colocation).", 0.0, ge=0.0)
-    resources_per_actor: dict[str, float] = doc("Custom Ray resources each reference actor also reserves.",
-                                                default_factory=dict)
+    placement: PlacementConfig = doc("What each reference actor reserves (gpus null: none; on CUDA it needs a "
+                                     "share, e.g. 0.25).", default_factory=_scorer_placement)
     micro_batch_size: int = doc("Sequences per forward pass.", 32, ge=1)
+
+    @property
+    def gpus_per_actor(self) -> float:
+        """GPUs each reference actor reserves on CUDA."""
+        return self.placement.gpus or 0.0
 
 
 @dataclass(frozen=True)
@@ -158,12 +171,6 @@ class CriticConfig:
 
 
 @dataclass(frozen=True)
-class RLHFEvalConfig:
-    at_start: bool = doc("Also evaluate the starting policy, so the run shows before and after.", True)
-    num_print: int = doc("Held-out answers printed at each evaluation.", 4, ge=0)
-
-
-@dataclass(frozen=True)
 class RLHFConfig:
     """RLHF: maximise reward minus a KL penalty to the reference policy (PPO, GRPO, RLOO, REINFORCE++)."""
 
@@ -179,7 +186,8 @@ class RLHFConfig:
     sync: SyncConfig = doc("Weight sync from learner to generators.", default_factory=SyncConfig)
     run: RunConfig = doc("Run directory, length (max_steps = RL steps), logging, checkpoints.",
                          default_factory=RunConfig)
-    eval: RLHFEvalConfig = doc("Evaluation on held-out prompts.", default_factory=RLHFEvalConfig)
+    eval: EvalConfig = doc("Evaluation on held-out prompts: greedy answers' reward, KL, length, and their grade by "
+                           "eval.checker.", default_factory=lambda: EvalConfig(max_new_tokens=None))
 
     def __post_init__(self):
         if not self.data.train:
@@ -192,11 +200,15 @@ class RLHFConfig:
             raise ConfigError(f"generator.top_p={self.generator.top_p:g}: RLHF samples from the full distribution "
                               "(top_p must be 1.0) so that the learner's logprobs are those of the sampling policy; "
                               "use generator.temperature to sharpen it")
-        self._check_split(self.learner, "learner")
+        # grad_accum follows from the step's shape: set it here, once (frozen: hence object.__setattr__).
+        object.__setattr__(self, "learner", self._with_grad_accum(self.learner, "learner"))
         if self.algorithm.advantage == "gae":  # the critic trains on the same minibatches
-            self._check_split(self.critic.learner, "critic.learner")
+            critic = replace(self.critic, learner=self._with_grad_accum(self.critic.learner, "critic.learner"))
+            object.__setattr__(self, "critic", critic)
 
-    def _check_split(self, learner: LearnerConfig, key: str) -> None:
+    def _with_grad_accum(self, learner: LearnerConfig, key: str) -> LearnerConfig:
+        """`learner` with the grad_accum that makes one optimizer step of a minibatch: each rank's share of the
+        minibatch in micro-batches. A grad_accum given in the config must be that number (or the default 1)."""
         per_rank = self.rollouts_per_minibatch_per_rank(learner)
         if per_rank is None or per_rank % learner.micro_batch_size:
             algo, gen = self.algorithm, self.generator
@@ -206,6 +218,12 @@ class RLHFConfig:
                 f"into algorithm.num_minibatches={algo.num_minibatches} minibatches over "
                 f"{key}.num_ranks={learner.num_ranks} ranks; each rank's share must divide evenly into "
                 f"micro-batches of {key}.micro_batch_size={learner.micro_batch_size}")
+        derived = per_rank // learner.micro_batch_size
+        if learner.grad_accum not in (1, derived):
+            raise ConfigError(f"{key}.grad_accum={learner.grad_accum}: RLHF derives it (a minibatch of "
+                              f"{per_rank} rollouts per rank in micro-batches of {learner.micro_batch_size} is "
+                              f"{derived}); leave it out or set {derived}")
+        return replace(learner, grad_accum=derived)
 
     @property
     def rollouts_per_step(self) -> int:

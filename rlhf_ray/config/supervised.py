@@ -64,8 +64,8 @@ class SFTConfig:
     data: DataConfig = doc("Instruction data.", default_factory=DataConfig)
     learner: LearnerConfig = doc("The DeepSpeed learner group.", default_factory=LearnerConfig)
     run: RunConfig = doc("Run directory, length, logging, checkpoints.", default_factory=RunConfig)
-    eval: EvalConfig = doc("Evaluation after training (and every run.eval_every steps).",
-                           default_factory=EvalConfig)
+    eval: EvalConfig = doc("Evaluation after training (and every run.eval_every steps): held-out loss, and "
+                           "greedy answers graded by eval.checker.", default_factory=EvalConfig)
 
     def __post_init__(self):
         if not self.data.train:
@@ -80,12 +80,6 @@ class RewardLossConfig:
 
 
 @dataclass(frozen=True)
-class RMEvalConfig:
-    at_start: bool = doc("Also evaluate the starting model, so the run shows before and after.", True)
-    num_print: int = doc("Held-out items printed with their rewards.", 3, ge=0)
-
-
-@dataclass(frozen=True)
 class RMConfig:
     """Reward model: learn R(prompt, response) from preferences, ratings or rankings."""
 
@@ -96,7 +90,8 @@ class RMConfig:
     learner: LearnerConfig = doc("The DeepSpeed learner group; micro_batch_size counts feedback rows (each "
                                  "with all its candidates).", default_factory=LearnerConfig)
     run: RunConfig = doc("Run directory, length, logging, checkpoints.", default_factory=RunConfig)
-    eval: RMEvalConfig = doc("Evaluation on held-out feedback.", default_factory=RMEvalConfig)
+    eval: EvalConfig = doc("Evaluation on held-out feedback (at_start and num_print; the generation keys are "
+                           "ignored).", default_factory=lambda: EvalConfig(num_print=3))
 
     def __post_init__(self):
         if not self.data.train:

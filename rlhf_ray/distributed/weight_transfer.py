@@ -11,11 +11,15 @@ generator loads them from the same ref. Checksums are computed on either side on
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import ray
 
 from rlhf_ray.config import SyncConfig
+
+if TYPE_CHECKING:  # the role modules import this one's siblings; the types are for reading only
+    from rlhf_ray.roles.generator import GeneratorGroup
+    from rlhf_ray.roles.learner import LearnerGroup
 
 
 def wants_verification(verify: str, sync_index: int) -> bool:
@@ -28,25 +32,23 @@ def wants_verification(verify: str, sync_index: int) -> bool:
 
 
 class WeightSync:
-    def __init__(self, cfg: SyncConfig, learners: Any, generators: Any):
+    """Learner group -> generator group, through the two groups' typed methods (`LearnerGroup` sends,
+    `GeneratorGroup` receives); set up once per run, then `sync()` after every update."""
+
+    def __init__(self, cfg: SyncConfig, learners: LearnerGroup, generators: GeneratorGroup):
         self.cfg, self.learners, self.generators = cfg, learners, generators
         self.bucket_bytes = cfg.bucket_mb << 20  # the broadcast buckets, and the ZeRO-3 gathers behind them
-        self.plan: list = []
         self.syncs = 0
         if cfg.transport == "collective":
             self._join_group(cfg.timeout_s)
-        self.plan = self.learners.group.get(lambda a, r: a.weight_plan.remote(self.bucket_bytes))[0]
+        self.plan = learners.weight_plan(self.bucket_bytes)
         self.nbytes = sum(meta.nbytes for bucket in self.plan for meta in bucket)
 
     def _join_group(self, timeout_s: float) -> None:
-        rank0 = self.learners.group.actors[0]
-        _, address, port = ray.get(rank0.node_address.remote())
-        workers = self.generators.workers_per_engine
-        world = 1 + workers * len(self.generators.actors)
-        calls = self.learners.group.map(lambda a, r: a.init_weight_sync.remote(address, port, world, timeout_s))
-        calls += [g.init_weight_sync.remote(address, port, 1 + i * workers, world, timeout_s=timeout_s)
-                  for i, g in enumerate(self.generators.actors)]
-        ray.get(calls)
+        address, port = self.learners.sync_address()
+        world = self.generators.sync_world_size
+        ray.get(self.learners.init_weight_sync(address, port, world, timeout_s)
+                + self.generators.init_weight_sync(address, port, timeout_s=timeout_s))
 
     def sync(self) -> dict[str, float]:
         """Push the learners' current weights to every generator; returns seconds, MB, MB/s (and a check)."""
@@ -54,14 +56,11 @@ class WeightSync:
         self.syncs += 1
         check = wants_verification(self.cfg.verify, self.syncs)
         if self.cfg.transport == "collective":
-            sends = self.learners.group.map(lambda a, r: a.broadcast_weights.remote(self.plan, self.bucket_bytes))
-            receives = [g.receive_weights.remote(self.plan, check) for g in self.generators.actors]
-            ray.get(sends + receives)
+            ray.get(self.learners.broadcast_weights(self.plan, self.bucket_bytes)
+                    + self.generators.receive_weights(self.plan, check))
         else:
-            blobs = self.learners.group.map(lambda a, r: a.weights_bytes.remote(self.bucket_bytes))
-            ray.get(blobs[1:])
-            data = blobs[0]  # a ref: each generator reads the same stored bytes
-            ray.get([g.load_weights_from_bytes.remote(data, check) for g in self.generators.actors])
+            # A ref: every generator reads the same stored bytes.
+            self.generators.load_weights_from_bytes(self.learners.weights_bytes(self.bucket_bytes), check)
         seconds = time.perf_counter() - began
         mb = self.nbytes / 2**20
         metrics = {"sync/seconds": seconds, "sync/mb": mb, "sync/mb_per_s": mb / seconds}
@@ -73,7 +72,7 @@ class WeightSync:
         """Every generator's weights checksum equals the learner's; raises if not (a broken sync). Only after a
         sync that recorded checksums (`wants_verification`)."""
         expected = self.learners.parameter_checksum(self.bucket_bytes)
-        got = ray.get([g.weights_checksum.remote() for g in self.generators.actors])
+        got = self.generators.weights_checksums()
         bad = [i for i, c in enumerate(got) if c != expected]
         if bad:
             raise RuntimeError(f"weight sync check failed: generator(s) {bad} have checksum {got[bad[0]]!r}, "

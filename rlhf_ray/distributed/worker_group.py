@@ -1,17 +1,21 @@
-"""One small helper that places N Ray actors, gives them ranks and fans calls out to them.
+"""One small helper that places N Ray actors of one role, gives them ranks and fans calls out to them.
 
-Every multi-rank role (policy learner, critic, reward-model learner) is a `WorkerGroup` of one actor class.
-Placement goes through a placement group (one bundle per rank: CPU locally, CPU+GPU on a cluster), so the
-ranks of a DeepSpeed job are reserved together or not at all. Rank 0 picks its node address and a free port;
-every actor then sets MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK and joins one torch.distributed group.
+Every role is a `WorkerGroup` of one actor class: the learner groups (policy, critic, a supervised stage's
+learner), the vLLM generators, the reference and reward actors. Placement goes through a placement group (one
+bundle per worker: CPU locally, CPU+GPU on a cluster), so a role's workers are reserved together or not at
+all. A role that is one torch.distributed job (`distributed=True`: the DeepSpeed learners) also gets a
+rendezvous: rank 0 picks its node address and a free port; every actor then sets MASTER_ADDR/PORT, RANK,
+WORLD_SIZE, LOCAL_RANK.
 
 Calls are made through the actors' real methods: `group.map(lambda actor, rank: actor.save.remote(path))`.
+Rows are split among workers by `shard_rows`, the one sharding rule of the project.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Optional, TypeVar
 
@@ -22,6 +26,8 @@ from ray.util.placement_group import (
     remove_placement_group,
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlhf_ray.config.base import PlacementConfig
 
 A = TypeVar("A")
 
@@ -48,6 +54,26 @@ class GroupSpec:
         if self.gpus_per_worker > 0:
             bundle["GPU"] = self.gpus_per_worker
         return [dict(bundle) for _ in range(self.num_workers)]
+
+
+def group_spec(name: str, num_workers: int, placement: PlacementConfig, gpus: float, device: str) -> GroupSpec:
+    """The `GroupSpec` of a role from its config's `placement` section; `gpus` is what each worker reserves on
+    CUDA (the role's resolved default when placement.gpus is null), none on CPU."""
+    return GroupSpec(name=name, num_workers=num_workers, cpus_per_worker=placement.cpus,
+                     gpus_per_worker=gpus if device == "cuda" else 0.0, strategy=placement.strategy,
+                     resources=tuple(sorted(placement.resources.items())))
+
+
+def shard_rows(rows: Sequence[int], parts: int) -> list[list[int]]:
+    """`rows` cut into `parts` contiguous shards whose sizes differ by at most one (concatenating the shards
+    gives `rows` back, so per-worker results joined in worker order keep the order of `rows`)."""
+    base, extra = divmod(len(rows), parts)
+    shards, start = [], 0
+    for i in range(parts):
+        size = base + (i < extra)
+        shards.append([int(r) for r in rows[start:start + size]])
+        start += size
+    return shards
 
 
 def _free_port() -> int:
@@ -77,10 +103,15 @@ class DistributedWorker:
 
 
 class WorkerGroup(Generic[A]):
-    """N actors of `actor_cls` in one placement group, with ranks and rendezvous set up."""
+    """N actors of `actor_cls` in one placement group (bundle i holds rank i); with `distributed`, ranks and
+    rendezvous are set up for one torch.distributed job (the actor class is then a `DistributedWorker`).
+
+    Every actor gets `*args, **kwargs`, plus `rank_kwargs(rank)` when given (e.g. a per-engine seed).
+    """
 
     def __init__(self, actor_cls: type, spec: GroupSpec, *args: Any, runtime_env: Optional[dict] = None,
-                 placement: Optional[PlacementGroup] = None, **kwargs: Any):
+                 placement: Optional[PlacementGroup] = None, distributed: bool = False,
+                 rank_kwargs: Optional[Callable[[int], dict[str, Any]]] = None, **kwargs: Any):
         self.spec = spec
         self._owns_placement = placement is None
         self.placement_group = placement or reserve(spec)
@@ -91,10 +122,12 @@ class WorkerGroup(Generic[A]):
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group,
                                                                      placement_group_bundle_index=i),
                 runtime_env=runtime_env,
-            ).remote(*args, **kwargs)
+            ).remote(*args, **kwargs, **(rank_kwargs(i) if rank_kwargs else {}))
             for i in range(spec.num_workers)
         ]
-        self._rendezvous()
+        self.node_ids: list[str] = []
+        if distributed:
+            self._rendezvous()
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -121,6 +154,13 @@ class WorkerGroup(Generic[A]):
     def get(self, call: Callable[[A, int], ray.ObjectRef]) -> list[Any]:
         """`map`, then wait for all results."""
         return ray.get(self.map(call))
+
+    def map_shards(self, rows: Sequence[int],
+                   call: Callable[[A, list[int]], ray.ObjectRef]) -> list[ray.ObjectRef]:
+        """Start `call(actor, shard)` on every worker with a non-empty shard of `rows` (`shard_rows`); returns
+        the refs in worker order."""
+        return [call(actor, shard) for actor, shard in zip(self.actors, shard_rows(rows, len(self.actors)))
+                if shard]
 
     def shutdown(self) -> None:
         for actor in self.actors:

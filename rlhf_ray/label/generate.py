@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rlhf_ray.config import ModelConfig
-from rlhf_ray.label.config import LabelConfig
 from rlhf_ray.config_loader import ConfigError
 from rlhf_ray.data.errors import DataError
+from rlhf_ray.data.loading import collect_valid, read_records
 from rlhf_ray.data.synthetic import write_jsonl
+from rlhf_ray.label.config import LabelConfig
 from rlhf_ray.label.items import RESERVED_FIELDS, prompt_value
 from rlhf_ray.label.store import LOG_FILE
 
@@ -77,7 +78,7 @@ def is_current(path: Path, key: dict[str, Any]) -> bool:
 
 def read_prompt_rows(cfg: LabelConfig) -> list:
     """The prompts file's rows (`PromptRow`), the first `max_items`."""
-    from rlhf_ray.data.loading import collect_valid, read_records
+    # Deferred: data.prompts loads torch (through rollout.schema), which only generation needs.
     from rlhf_ray.data.prompts import parse_prompt
 
     rows, _ = collect_valid(read_records(cfg.prompts), parse_prompt, skip_invalid=False, source=cfg.prompts)
@@ -87,13 +88,15 @@ def read_prompt_rows(cfg: LabelConfig) -> list:
 def generate_responses(job: GenerationJob, rows: list, cfg: LabelConfig) -> list[Optional[list[str]]]:
     """`job.n` responses per prompt row from one `GeneratorGroup` (None where the prompt is too long).
     Needs Ray initialised."""
+    # Deferred: Ray, torch, transformers and the vLLM generator take about 3 s to import, and a restarted
+    # `rlhf-ray label` that reuses the saved files needs none of them.
     import pyarrow as pa
     import ray
 
     from rlhf_ray.data.sft import encode, render, require_chat_template
     from rlhf_ray.distributed.runtime import cluster_device
     from rlhf_ray.models.loading import load_tokenizer
-    from rlhf_ray.roles.generator import GeneratorGroup
+    from rlhf_ray.roles.generator import GeneratorGroup, Sampling
     from rlhf_ray.rollout.schema import PROMPT_SCHEMA
 
     tokenizer = load_tokenizer(ModelConfig(path=job.model))
@@ -107,9 +110,8 @@ def generate_responses(job: GenerationJob, rows: list, cfg: LabelConfig) -> list
     gen = cfg.generator
     group = GeneratorGroup(job.model, gen, cfg.seed, cluster_device("auto"), name=f"label-{job.name}")
     try:
-        refs = group.generate(ray.put(table), list(range(len(fits))), n=job.n,
-                              temperature=0.0 if job.greedy else gen.temperature, top_p=gen.top_p,
-                              max_new_tokens=gen.max_new_tokens, seed=cfg.seed)
+        sampling = Sampling(job.n, 0.0 if job.greedy else gen.temperature, gen.max_new_tokens, gen.top_p, cfg.seed)
+        refs = group.generate(ray.put(table), list(range(len(fits))), sampling)
         out = pa.concat_tables(ray.get(refs)).select(["prompt_index", "response_text"]).to_pydict()
     finally:
         group.shutdown()
@@ -149,6 +151,7 @@ def check_model_path(model: str, key: str) -> None:
 
 def ensure_generated(cfg: LabelConfig) -> dict[str, Path]:
     """Generate what `cfg` asks for unless the output directory already holds it; {job name: file}."""
+    # Deferred: Ray is needed only when something is left to generate.
     from rlhf_ray.distributed.runtime import ray_session
 
     jobs = generation_jobs(cfg)

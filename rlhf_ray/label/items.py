@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from rlhf_ray.label.config import LabelConfig
 from rlhf_ray.data.errors import DataError, location_word
 from rlhf_ray.data.loading import Record, collect_valid, read_records
+from rlhf_ray.label.config import LabelConfig
 
 ROLES = ("system", "user", "assistant")
 # Fields of the judgement log and the reward-model formats; a source row's other fields travel as metadata.
@@ -249,6 +249,7 @@ def load_items(cfg: LabelConfig) -> ItemSet:
     """The items of `cfg`: from its files, generating responses first where it names models."""
     generated: dict[str, Path] = {}
     if cfg.model or cfg.ab.model_a or cfg.ab.model_b:
+        # Not at the top: generate imports this module (a cycle), and loads Ray/torch only when it generates.
         from rlhf_ray.label.generate import ensure_generated
 
         generated = ensure_generated(cfg)

@@ -22,14 +22,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+import uvicorn
 import yaml
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from rlhf_ray.label.config import LabelConfig, LabelServerConfig, check_annotator_tokens
 from rlhf_ray.config_loader import ConfigError
-from rlhf_ray.label.items import LabelItem, display_order, prompt_messages
+from rlhf_ray.label.config import LabelConfig, LabelServerConfig, check_annotator_tokens
+from rlhf_ray.label.items import LabelItem, display_order, load_items, prompt_messages
 from rlhf_ray.label.judgements import (
     JudgementError,
     check_judgement,
@@ -80,18 +81,19 @@ async def read_limited(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-
-
 def create_app(cfg: LabelConfig, items: Sequence[LabelItem], store: JudgementStore,
                tokens: Mapping[str, str]) -> FastAPI:
     """The app serving `items` to the annotators of `tokens` (name -> token), logging to `store`."""
     app = FastAPI(title="rlhf-ray label", docs_url=None, redoc_url=None, openapi_url=None)
-    by_id = {item.item_id: item for item in items}
-    page = resources.files("rlhf_ray.label").joinpath("page.html").read_text(encoding="utf-8")
-    scale = list(cfg.scale_values)
-    limit = cfg.server.max_body_bytes
+    app.middleware("http")(_authenticator(tokens))
+    _add_page_route(app)
+    _add_api_routes(app, cfg, items, store)
+    return app
 
-    @app.middleware("http")
+
+def _authenticator(tokens: Mapping[str, str]):
+    """The HTTP middleware: 401 without an annotator's token; otherwise the annotator's name goes to
+    `request.state.annotator` and the security headers onto the response."""
     async def authenticate(request: Request, call_next):
         annotator = find_annotator(tokens, presented_token(request))
         if annotator is None:
@@ -104,16 +106,30 @@ def create_app(cfg: LabelConfig, items: Sequence[LabelItem], store: JudgementSto
             response.headers.setdefault(name, value)
         return response
 
-    def find_item(item_id: str) -> LabelItem:
-        if item_id not in by_id:
-            raise HTTPException(404, f"unknown item id {item_id[:40]!r}")
-        return by_id[item_id]
+    return authenticate
+
+
+def _add_page_route(app: FastAPI) -> None:
+    """`GET /`: the page, its inline script and style allowed by a nonce new in every response."""
+    page = resources.files("rlhf_ray.label").joinpath("page.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> HTMLResponse:
         nonce = secrets.token_urlsafe(16)
         return HTMLResponse(page.replace("__NONCE__", nonce),
                             headers={"Content-Security-Policy": CSP.format(nonce=nonce)})
+
+
+def _add_api_routes(app: FastAPI, cfg: LabelConfig, items: Sequence[LabelItem], store: JudgementStore) -> None:
+    """`GET /api/state`, `GET /api/items/{id}`, `POST /api/items/{id}/judgement` (see the module docstring)."""
+    by_id = {item.item_id: item for item in items}
+    scale = list(cfg.scale_values)
+    limit = cfg.server.max_body_bytes
+
+    def find_item(item_id: str) -> LabelItem:
+        if item_id not in by_id:
+            raise HTTPException(404, f"unknown item id {item_id[:40]!r}")
+        return by_id[item_id]
 
     @app.get("/api/state")
     def state(request: Request) -> dict[str, Any]:
@@ -147,8 +163,6 @@ def create_app(cfg: LabelConfig, items: Sequence[LabelItem], store: JudgementSto
         order = display_order(item.item_id, annotator, cfg.seed, len(item.responses))
         await run_in_threadpool(store.append, make_record(item, annotator, cfg.mode, judgement, order))
         return {"ok": True, "done": len(store.labeled_by(annotator) & by_id.keys()), "total": len(items)}
-
-    return app
 
 
 def load_tokens(server: LabelServerConfig) -> tuple[dict[str, str], bool]:
@@ -204,10 +218,6 @@ def startup_lines(cfg: LabelConfig, items: Sequence[LabelItem], skipped: Mapping
 
 def serve(cfg: LabelConfig) -> None:
     """Build the items (generating responses if the config names a model) and serve the page until Ctrl-C."""
-    import uvicorn
-
-    from rlhf_ray.label.items import load_items
-
     tokens, generated = load_tokens(cfg.server)
     found = load_items(cfg)
     store = JudgementStore(cfg.output_dir, cfg.mode)

@@ -20,22 +20,29 @@ RewardFunction = Callable[[list[str], list[str], list[dict]], Sequence[float]]
 
 
 class RewardFunctionError(RuntimeError):
-    """A reward function could not be loaded, raised, or returned something other than one float each."""
+    """A user function named in the config (a reward function, the eval answer checker) could not be loaded,
+    raised, or returned something other than what its interface promises."""
 
 
-def load_reward_function(path: str) -> RewardFunction:
-    """`package.module:function` -> the callable, with errors that say what is wrong with the path."""
+def load_function(path: str, what: str) -> Callable:
+    """`package.module:function` -> the callable, with errors that say what is wrong with the path; `what`
+    names the function in them (e.g. "reward function", or the config key "eval.checker")."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise RewardFunctionError(f"reward function {path!r}: expected 'package.module:function'")
+        raise RewardFunctionError(f"{what} {path!r}: expected 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise RewardFunctionError(f"reward function {path!r}: cannot import {module_name!r} ({err})") from err
+        raise RewardFunctionError(f"{what} {path!r}: cannot import {module_name!r} ({err})") from err
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise RewardFunctionError(f"reward function {path!r}: {module_name} has no callable {attr!r}")
+        raise RewardFunctionError(f"{what} {path!r}: {module_name} has no callable {attr!r}")
     return fn
+
+
+def load_reward_function(path: str) -> RewardFunction:
+    """`package.module:function` -> the reward function, with errors that say what is wrong with the path."""
+    return load_function(path, "reward function")
 
 
 def call_reward_function(path: str, fn: RewardFunction, prompts: list[str], responses: list[str],

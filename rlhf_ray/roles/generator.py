@@ -24,12 +24,11 @@ import functools
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import pyarrow as pa
 import ray
-from ray.util.placement_group import remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.config import GeneratorConfig
 from rlhf_ray.distributed.runtime import worker_env_vars
@@ -39,10 +38,33 @@ from rlhf_ray.distributed.weight_sync import (
     WeightSyncError,
     WeightSyncExtension,
 )
-from rlhf_ray.distributed.worker_group import GroupSpec, reserve
+from rlhf_ray.distributed.worker_group import WorkerGroup, group_spec
 from rlhf_ray.rollout.schema import ROLLOUT_SCHEMA
 
 EXTENSION = f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How responses are sampled: `n` per prompt, at `temperature` (0: greedy) and `top_p`, at most
+    `max_new_tokens` each. With `seed`, prompt row r is sampled with seed + r * n, so the answers do not depend
+    on how the rows are sharded among engines (one seed per request; None: the engine's own RNG)."""
+
+    n: int
+    temperature: float
+    max_new_tokens: int
+    top_p: float = 1.0
+    seed: Optional[int] = None
+
+    @classmethod
+    def of(cls, cfg: GeneratorConfig, seed: Optional[int] = None) -> "Sampling":
+        """The training sampling of a generator config."""
+        return cls(cfg.samples_per_prompt, cfg.temperature, cfg.max_new_tokens, cfg.top_p, seed)
+
+    @classmethod
+    def greedy(cls, max_new_tokens: int, seed: Optional[int] = None) -> "Sampling":
+        """One greedy answer per prompt (evaluation)."""
+        return cls(1, 0.0, max_new_tokens, 1.0, seed)
 
 
 def generator_env_vars(cfg: GeneratorConfig, device: str) -> dict[str, str]:
@@ -53,7 +75,7 @@ def generator_env_vars(cfg: GeneratorConfig, device: str) -> dict[str, str]:
     if device == "cpu":
         # The engine's share of the node is what Ray reserved for it; vLLM's own core binding ("auto": the
         # cores of one NUMA node) would put every engine of a node on the same cores.
-        env["OMP_NUM_THREADS"] = str(max(1, int(cfg.cpus_per_engine)))
+        env["OMP_NUM_THREADS"] = str(max(1, int(cfg.placement.cpus)))
         env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     return {**env, **{str(k): str(v) for k, v in cfg.env_vars.items()}}
 
@@ -102,12 +124,10 @@ class GeneratorActor:
                 "pid": os.getpid()}
 
     # -- sampling -------------------------------------------------------------------------------------------
-    def generate(self, prompts: pa.Table, rows: Sequence[int], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int | None = None) -> pa.Table:
-        """`n` responses to each of `rows` of `prompts` (a `PROMPT_SCHEMA` table): a `ROLLOUT_SCHEMA` table,
-        prompt by prompt in the order of `rows`, samples in order. `temperature=0` is greedy (vLLM refuses
-        n > 1 there: the one greedy answer is repeated n times). With `seed`, prompt row r is sampled with
-        seed + r * n (the same answers however the rows are sharded)."""
+    def generate(self, prompts: pa.Table, rows: Sequence[int], sampling: Sampling) -> pa.Table:
+        """`sampling.n` responses to each of `rows` of `prompts` (a `PROMPT_SCHEMA` table): a `ROLLOUT_SCHEMA`
+        table, prompt by prompt in the order of `rows`, samples in order. Temperature 0 is greedy (vLLM refuses
+        n > 1 there: the one greedy answer is repeated n times)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -119,11 +139,13 @@ class GeneratorActor:
         for row, ids in zip(rows, chosen["prompt_ids"]):
             if not ids:
                 raise ValueError(f"prompt row {row}: prompt_ids is empty (vLLM needs at least one token)")
-        draws = 1 if temperature == 0 else n
+        n, seed = sampling.n, sampling.seed
+        draws = 1 if sampling.temperature == 0 else n
         # vLLM keeps the stop token in token_ids (as it keeps the EOS): responses end with their end of turn, so
         # the policy is trained to stop.
         stop = list(self.stop_token_ids)
-        params = [SamplingParams(n=draws, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, logprobs=0,
+        params = [SamplingParams(n=draws, temperature=sampling.temperature, top_p=sampling.top_p,
+                                 max_tokens=sampling.max_new_tokens, logprobs=0,
                                  seed=None if seed is None else seed + row * n, detokenize=False,
                                  stop_token_ids=stop)
                   for row in rows]
@@ -196,23 +218,19 @@ def _sampled_logprobs(sample: Any, tokens: list[int], row: int) -> list[float]:
 
 
 class GeneratorGroup:
-    """The driver's handle on the engines: one placement bundle and one `GeneratorActor` each."""
+    """The driver's handle on the engines: a `WorkerGroup` of `GeneratorActor`s, one placement bundle each."""
 
     def __init__(self, model_path: str, cfg: GeneratorConfig, seed: int, device: str, name: str = "generator"):
         self.cfg = cfg
-        gpus = cfg.engine_gpus if device == "cuda" else 0.0
-        spec = GroupSpec(name=name, num_workers=cfg.num_engines, cpus_per_worker=cfg.cpus_per_engine,
-                         gpus_per_worker=gpus, resources=tuple(sorted(cfg.resources_per_engine.items())))
-        self.placement_group = reserve(spec)
-        remote = ray.remote(GeneratorActor)
-        self.actors = [
-            remote.options(num_cpus=cfg.cpus_per_engine, num_gpus=gpus,
-                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group,
-                                                                                placement_group_bundle_index=i),
-                           runtime_env={"env_vars": generator_env_vars(cfg, device)})
-            .remote(model_path, cfg, seed + i, device)
-            for i in range(cfg.num_engines)]
-        self.info = ray.get([a.ready.remote() for a in self.actors])
+        spec = group_spec(name, cfg.num_engines, cfg.placement, cfg.engine_gpus, device)
+        self.group: WorkerGroup[Any] = WorkerGroup(
+            GeneratorActor, spec, model_path, cfg, device=device,
+            runtime_env={"env_vars": generator_env_vars(cfg, device)}, rank_kwargs=lambda i: {"seed": seed + i})
+        self.info = self.group.get(lambda actor, _: actor.ready.remote())
+
+    @property
+    def actors(self) -> list[Any]:
+        return self.group.actors
 
     @property
     def workers_per_engine(self) -> int:
@@ -224,45 +242,28 @@ class GeneratorGroup:
         """Weight-sync group size: learner rank 0 plus every engine worker."""
         return 1 + self.workers_per_engine * len(self.actors)
 
-    def generate(self, prompts: ray.ObjectRef, rows: Sequence[int], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int | None = None) -> list[ray.ObjectRef]:
-        """Refs to the engines' rollout tables; `rows` split into contiguous shards, so concatenating the
-        tables in list order keeps the order of `rows`."""
-        shards = shard_rows(rows, len(self.actors))
-        return [actor.generate.remote(prompts, shard, n, temperature, top_p, max_new_tokens, seed)
-                for actor, shard in zip(self.actors, shards) if shard]
+    def generate(self, prompts: ray.ObjectRef, rows: Sequence[int], sampling: Sampling) -> list[ray.ObjectRef]:
+        """Refs to the engines' rollout tables; `rows` split into contiguous shards (`shard_rows`), so
+        concatenating the tables in list order keeps the order of `rows`."""
+        return self.group.map_shards(rows, lambda actor, shard: actor.generate.remote(prompts, shard, sampling))
 
-    def init_weight_sync(self, master_addr: str, master_port: int, backend: str | None = None,
+    def init_weight_sync(self, master_addr: str, master_port: int, backend: Optional[str] = None,
                          timeout_s: float = DEFAULT_TIMEOUT_S) -> list[ray.ObjectRef]:
         """Start every engine joining the sync group (ranks 1..); the sender must join as rank 0 meanwhile."""
-        return [a.init_weight_sync.remote(master_addr, master_port, 1 + i * self.workers_per_engine,
-                                          self.sync_world_size, backend, timeout_s) for i, a in enumerate(self.actors)]
+        return self.group.map(lambda actor, i: actor.init_weight_sync.remote(
+            master_addr, master_port, 1 + i * self.workers_per_engine, self.sync_world_size, backend, timeout_s))
 
     def receive_weights(self, plan: Sequence[Sequence[TensorMeta]],
                         record_checksum: bool = True) -> list[ray.ObjectRef]:
         """Start every engine receiving a broadcast of `plan` (the sender's `send_weights` runs meanwhile)."""
-        return [a.receive_weights.remote(plan, record_checksum) for a in self.actors]
+        return self.group.map(lambda actor, _: actor.receive_weights.remote(plan, record_checksum))
 
     def load_weights_from_bytes(self, data: ray.ObjectRef, record_checksum: bool = True) -> None:
         """Every engine loads the same stored safetensors bytes."""
-        ray.get([a.load_weights_from_bytes.remote(data, record_checksum) for a in self.actors])
+        self.group.get(lambda actor, _: actor.load_weights_from_bytes.remote(data, record_checksum))
 
     def weights_checksums(self) -> list[float]:
-        return ray.get([a.weights_checksum.remote() for a in self.actors])
+        return self.group.get(lambda actor, _: actor.weights_checksum.remote())
 
     def shutdown(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
-        self.actors = []
-        remove_placement_group(self.placement_group)
-
-
-def shard_rows(rows: Sequence[int], parts: int) -> list[list[int]]:
-    """`rows` cut into `parts` contiguous shards whose sizes differ by at most one."""
-    base, extra = divmod(len(rows), parts)
-    shards, start = [], 0
-    for i in range(parts):
-        size = base + (i < extra)
-        shards.append([int(r) for r in rows[start:start + size]])
-        start += size
-    return shards
+        self.group.shutdown()

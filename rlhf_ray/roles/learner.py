@@ -20,17 +20,23 @@ import ray
 import torch
 
 from rlhf_ray.config import LearnerConfig, ModelConfig
-from rlhf_ray.distributed.worker_group import DistributedWorker, GroupSpec, WorkerGroup
+from rlhf_ray.distributed.worker_group import (
+    DistributedWorker,
+    WorkerGroup,
+    group_spec,
+    shard_rows,
+)
+from rlhf_ray.roles.objectives import Objective, accumulate, step_metrics
 
 
 class Learner(DistributedWorker):
-    """One rank: model + DeepSpeed engine + objective."""
+    """One rank: model + DeepSpeed engine + objective (an `Objective` object, built from the config by the
+    driver and sent to every rank)."""
 
-    def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, objective: str, total_steps: int,
-                 seed: int, device: str, objective_options: Optional[dict] = None):
-        self.model_cfg, self.cfg = model_cfg, learner_cfg
-        self.objective_name, self.total_steps, self.seed, self.device = objective, total_steps, seed, device
-        self.objective_options = objective_options or {}
+    def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, objective: Objective, total_steps: int,
+                 seed: int, device: str):
+        self.model_cfg, self.cfg, self.objective = model_cfg, learner_cfg, objective
+        self.total_steps, self.seed, self.device = total_steps, seed, device
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def setup(self) -> dict[str, Any]:
@@ -49,7 +55,6 @@ class Learner(DistributedWorker):
             deepspeed_config,
         )
         from rlhf_ray.models.loading import load_tokenizer, resolve_dtype
-        from rlhf_ray.roles.objectives import make_objective
 
         deepspeed.init_distributed(dist_backend="nccl" if self.device == "cuda" else "gloo",
                                    auto_mpi_discovery=False, verbose=False)
@@ -60,7 +65,6 @@ class Learner(DistributedWorker):
         if self.cfg.zero_stage == 3:
             from transformers.integrations import HfDeepSpeedConfig
             self._hf_ds_config = HfDeepSpeedConfig(ds_config)  # kept alive: from_pretrained then uses zero.Init
-        self.objective = make_objective(self.objective_name, **self.objective_options)
         self.tokenizer = load_tokenizer(self.model_cfg)
         model = self.objective.load_model(self.model_cfg, torch.float32 if self.device == "cpu" else self.dtype,
                                           self.tokenizer)
@@ -86,7 +90,7 @@ class Learner(DistributedWorker):
         return tensor.tolist()
 
     # -- training -------------------------------------------------------------------------------------------
-    def train_step(self, table: pa.Table, rows: Sequence[int], **loss_kwargs: Any) -> dict[str, float]:
+    def train_step(self, table: pa.Table, rows: Sequence[int]) -> dict[str, float]:
         """One optimizer step over this rank's `rows` (micro_batch_size x grad_accum of them).
 
         The loss of each micro-batch is a sum divided by the token count of the *global* step, scaled so that
@@ -103,11 +107,9 @@ class Learner(DistributedWorker):
         local = [sum(self.objective.count(b) for b in batches), sum(self.objective.num_tokens(b) for b in batches)]
         global_count, global_tokens = self._all_reduce(local)
         scale = self.world_size * self.cfg.grad_accum / max(global_count, 1.0)
-        from rlhf_ray.roles.objectives import accumulate, step_metrics
-
         totals: dict[str, float] = {}
         for batch in batches:
-            out = self.objective.loss(self.engine, batch.to(self.engine.device), **loss_kwargs)
+            out = self.objective.loss(self.engine, batch.to(self.engine.device))
             self.engine.backward(out.loss_sum * scale)
             self.engine.step()
             accumulate(totals, out)
@@ -168,7 +170,7 @@ class Learner(DistributedWorker):
     def generate(self, table: pa.Table, rows: Sequence[int], num_batches: int, max_new_tokens: int) -> list[str]:
         """Greedy answers to the `prompt_ids` of `rows` (left-padded batches; `num_batches` on every rank), each
         stopped at the chat template's end of turn or the EOS."""
-        from rlhf_ray.data.collate import pad_sequences
+        from rlhf_ray.algorithms.masked import pad_sequences
         from rlhf_ray.models.chat import end_of_turn_ids
 
         self.engine.eval()
@@ -289,25 +291,21 @@ class Learner(DistributedWorker):
 class LearnerGroup:
     """The driver's handle on a learner group: typed methods, each fanned out to every rank."""
 
-    def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, objective: str, total_steps: int,
-                 seed: int, device: str, runtime_env: Optional[dict] = None, name: str = "learner",
-                 objective_options: Optional[dict] = None):
-        spec = GroupSpec(name=name, num_workers=learner_cfg.num_ranks, cpus_per_worker=learner_cfg.cpus_per_rank,
-                         gpus_per_worker=learner_cfg.gpus_per_rank if device == "cuda" else 0.0,
-                         strategy=learner_cfg.placement_strategy,
-                         resources=tuple(sorted(learner_cfg.resources_per_rank.items())))
+    def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, objective: Objective, total_steps: int,
+                 seed: int, device: str, runtime_env: Optional[dict] = None, name: str = "learner"):
+        spec = group_spec(name, learner_cfg.num_ranks, learner_cfg.placement, learner_cfg.gpus_per_rank, device)
         self.cfg = learner_cfg
-        self.group: WorkerGroup[Any] = WorkerGroup(ray.remote(Learner), spec, model_cfg, learner_cfg, objective,
-                                                   total_steps, seed, device, objective_options,
-                                                   runtime_env=runtime_env)
+        self.group: WorkerGroup[Any] = WorkerGroup(Learner, spec, model_cfg, learner_cfg, objective, total_steps,
+                                                   seed, device, runtime_env=runtime_env, distributed=True)
         self.info = self.group.get(lambda a, r: a.setup.remote())
 
     @property
     def num_ranks(self) -> int:
         return len(self.group)
 
-    def train_step(self, table: ray.ObjectRef, shards: Sequence[Sequence[int]], **loss_kwargs: Any) -> dict[str, float]:
-        return self.group.get(lambda a, r: a.train_step.remote(table, list(shards[r]), **loss_kwargs))[0]
+    def train_step(self, table: ray.ObjectRef, shards: Sequence[Sequence[int]]) -> dict[str, float]:
+        """One optimizer step; rank r trains on `shards[r]`."""
+        return self.group.get(lambda a, r: a.train_step.remote(table, list(shards[r])))[0]
 
     def response_logprobs(self, table: ray.ObjectRef, num_rows: int) -> list[ray.ObjectRef]:
         """Per rank, a ref to a (row, values) table of policy logprobs; rows sharded, nothing fetched here."""
@@ -329,18 +327,18 @@ class LearnerGroup:
         """Per row of `rows` (in that order), the score of each candidate."""
         shards, num_batches = self._eval_shards(rows)
         parts = self.group.get(lambda a, r: a.score.remote(table, shards[r], num_batches))
-        by_row = {row: s for shard, scores in zip(shards, parts) for row, s in zip(shard, scores)}
-        return [by_row[row] for row in rows]
+        return [score for scores in parts for score in scores]  # contiguous shards: rank order is row order
 
     def generate(self, table: ray.ObjectRef, rows: Sequence[int], max_new_tokens: int) -> list[str]:
         """Greedy answers for `rows`, in the order of `rows`."""
         shards, num_batches = self._eval_shards(rows)
         parts = self.group.get(lambda a, r: a.generate.remote(table, shards[r], num_batches, max_new_tokens))
-        by_row = {row: text for shard, texts in zip(shards, parts) for row, text in zip(shard, texts)}
-        return [by_row[row] for row in rows]
+        return [text for texts in parts for text in texts]
 
     def _eval_shards(self, rows: Sequence[int]) -> tuple[list[list[int]], int]:
-        shards = [list(rows[r::self.num_ranks]) for r in range(self.num_ranks)]
+        """`shard_rows` over the ranks, and the micro-batches each rank runs (the same on every rank: ZeRO-3
+        forwards are collectives)."""
+        shards = shard_rows(rows, self.num_ranks)
         longest = max(len(s) for s in shards)
         return shards, max(1, -(-longest // self.cfg.micro_batch_size))
 
@@ -355,6 +353,31 @@ class LearnerGroup:
 
     def parameter_checksum(self, bucket_bytes: int = 64 << 20) -> float:
         return self.group.get(lambda a, r: a.parameter_checksum.remote(bucket_bytes))[0]
+
+    # -- weight sync (rank 0 sends; see distributed.weight_transfer) ------------------------------------------
+    def sync_address(self) -> tuple[str, int]:
+        """(IP address, free port) of rank 0's node: where the weight-sync group meets."""
+        _, address, port = ray.get(self.group.actors[0].node_address.remote())
+        return address, port
+
+    def init_weight_sync(self, master_addr: str, master_port: int, world_size: int,
+                         timeout_s: float) -> list[ray.ObjectRef]:
+        """Start rank 0 joining the weight-sync group as its rank 0 (the others return at once)."""
+        return self.group.map(lambda a, r: a.init_weight_sync.remote(master_addr, master_port, world_size, timeout_s))
+
+    def weight_plan(self, bucket_bytes: int) -> list:
+        """The buckets of `TensorMeta` a broadcast sends (rank 0's view; every rank has the same model)."""
+        return ray.get(self.group.actors[0].weight_plan.remote(bucket_bytes))
+
+    def broadcast_weights(self, plan: list, bucket_bytes: int) -> list[ray.ObjectRef]:
+        """Start every rank's part of one broadcast (rank 0 sends; under ZeRO-3 all ranks gather)."""
+        return self.group.map(lambda a, r: a.broadcast_weights.remote(plan, bucket_bytes))
+
+    def weights_bytes(self, bucket_bytes: int) -> ray.ObjectRef:
+        """A ref to rank 0's safetensors bytes of the full parameters (waits for every rank's part)."""
+        blobs = self.group.map(lambda a, r: a.weights_bytes.remote(bucket_bytes))
+        ray.get(blobs[1:])
+        return blobs[0]
 
     def shutdown(self) -> None:
         self.group.shutdown()

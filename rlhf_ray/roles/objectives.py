@@ -1,7 +1,11 @@
 """What a learner optimises: how it loads its model, makes micro-batches, and computes a loss.
 
-One `Learner` implementation serves every stage; the objective is the only part that differs. Objectives
-return sums and counts (see `algorithms.losses`), so the learner can normalise by the global batch.
+One `Learner` implementation serves every stage; the objective is the only part that differs. Each stage
+builds its objective from its config (`SFTObjective()`, `RewardObjective.of(cfg.loss)`,
+`PolicyObjective.of(cfg)`, `ValueObjective.of(cfg)`) and hands the object to the learner group, which sends
+it to every rank. Objectives return sums and counts (see `algorithms.losses`), so the learner can normalise
+by the global batch; what a loss needs beyond its model comes in the batch (e.g. the experience's KL
+coefficient), never as loose keyword arguments.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from rlhf_ray.algorithms.losses import (
     rating_loss,
     sft_loss,
 )
-from rlhf_ray.config import ModelConfig
+from rlhf_ray.config import ModelConfig, RewardLossConfig, RLHFConfig
 from rlhf_ray.data.collate import (
     PreferenceBatch,
     RLBatch,
@@ -94,7 +98,7 @@ class SFTObjective:
     def num_tokens(self, batch: TokenBatch) -> int:
         return int(batch.attention_mask.sum().item())
 
-    def loss(self, model: torch.nn.Module, batch: TokenBatch, **_: Any) -> LossOutput:
+    def loss(self, model: torch.nn.Module, batch: TokenBatch) -> LossOutput:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         loss_sum, count = sft_loss(logits, batch.input_ids, batch.loss_mask)
         return LossOutput(loss_sum, count, {})
@@ -112,6 +116,10 @@ class RewardObjective:
         if ranking_loss not in ("pairwise", "plackett_luce"):
             raise ValueError(f"unknown ranking loss {ranking_loss!r}; valid: pairwise, plackett_luce")
         self.ranking_loss = ranking_loss
+
+    @classmethod
+    def of(cls, cfg: RewardLossConfig) -> "RewardObjective":
+        return cls(cfg.ranking_loss)
 
     def load_model(self, cfg: ModelConfig, dtype: torch.dtype, tokenizer: Any) -> torch.nn.Module:
         return load_reward_model(cfg, dtype, pad_token_id=tokenizer.pad_token_id)
@@ -133,7 +141,7 @@ class RewardObjective:
         flat = self.rewards(model, batch).tolist()
         return [flat[batch.offsets[i]:batch.offsets[i + 1]] for i in range(len(batch.kinds))]
 
-    def loss(self, model: torch.nn.Module, batch: PreferenceBatch, **_: Any) -> LossOutput:
+    def loss(self, model: torch.nn.Module, batch: PreferenceBatch) -> LossOutput:
         rewards = self.rewards(model, batch)
         total = rewards.sum() * 0.0  # keeps the graph (and ZeRO-3 hooks) alive for a row-less dummy batch
         correct = torch.zeros((), device=rewards.device)
@@ -174,6 +182,17 @@ class PolicyObjective:
 
     FIELDS = ("old_logprobs", "advantages", "ref_logprobs")
 
+    @classmethod
+    def of(cls, cfg: RLHFConfig) -> "PolicyObjective":
+        """The policy loss of an RLHF config. The learner scores tokens under the distribution vLLM sampled
+        from (`scoring_temperature`)."""
+        from rlhf_ray.algorithms.logprobs import scoring_temperature
+
+        algo = cfg.algorithm
+        return cls(clip_eps=algo.clip_eps, dual_clip=algo.dual_clip, aggregation=algo.loss_aggregation,
+                   entropy_coef=algo.entropy_coef, kl_in_loss=algo.kl_in == "loss", kl_estimator=algo.kl_estimator,
+                   temperature=scoring_temperature(cfg.generator.temperature))
+
     def __init__(self, clip_eps: float = 0.2, dual_clip: float | None = None, aggregation: str = "token",
                  entropy_coef: float = 0.0, kl_in_loss: bool = False, kl_estimator: str = "k1",
                  temperature: float = 1.0, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
@@ -204,13 +223,17 @@ class PolicyObjective:
         return response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_index, batch.mask,
                                  self.temperature, with_entropy, self.chunk_elements)
 
-    def loss(self, model: torch.nn.Module, batch: RLBatch, kl_coef: float = 0.0) -> LossOutput:
-        from rlhf_ray.algorithms.policy_loss import aggregate, kl_penalty_loss, ppo_policy_loss
+    def loss(self, model: torch.nn.Module, batch: RLBatch) -> LossOutput:
+        """The clipped surrogate (+ entropy bonus, + `batch.kl_coef` x KL to the reference when kl_in_loss)."""
+        from rlhf_ray.algorithms.policy_loss import (
+            aggregate,
+            kl_penalty_loss,
+            ppo_policy_loss,
+        )
 
         logprobs, entropy = self.response_logprobs(model, batch, with_entropy=True)
-        f = batch.fields
-        out = ppo_policy_loss(logprobs, f["old_logprobs"], f["advantages"], batch.mask, self.clip_eps,
-                              self.dual_clip, self.aggregation)
+        out = ppo_policy_loss(logprobs, batch.require("old_logprobs"), batch.require("advantages"), batch.mask,
+                              self.clip_eps, self.dual_clip, self.aggregation)
         total = out.loss_sum
         entropy_sum, _ = aggregate(entropy if self.entropy_coef else entropy.detach(), batch.mask, self.aggregation)
         if self.entropy_coef:
@@ -218,10 +241,10 @@ class PolicyObjective:
         stats = {"entropy": entropy_sum.detach(), "policy_loss": out.loss_sum.detach()}
         token_stats = {"clip_fraction": out.clip_fraction_sum.detach(), "approx_kl": out.approx_kl_sum.detach()}
         if self.kl_in_loss:
-            kl_sum, _ = kl_penalty_loss(logprobs, f["ref_logprobs"], batch.mask, self.kl_estimator, self.aggregation)
-            total = total + kl_coef * kl_sum
-            token_stats["kl_loss"] = kl_penalty_loss(logprobs.detach(), f["ref_logprobs"], batch.mask,
-                                                     self.kl_estimator)[0]
+            ref = batch.require("ref_logprobs")
+            kl_sum, _ = kl_penalty_loss(logprobs, ref, batch.mask, self.kl_estimator, self.aggregation)
+            total = total + batch.kl_coef * kl_sum
+            token_stats["kl_loss"] = kl_penalty_loss(logprobs.detach(), ref, batch.mask, self.kl_estimator)[0]
         return LossOutput(total, torch.tensor(float(self.count(batch))), stats, token_stats, out.token_count)
 
     def logprobs(self, model: torch.nn.Module, batch: RLBatch) -> list[list[float]]:
@@ -237,6 +260,10 @@ class ValueObjective:
 
     def __init__(self, value_clip: float | None = 0.2):
         self.value_clip = value_clip
+
+    @classmethod
+    def of(cls, cfg: RLHFConfig) -> "ValueObjective":
+        return cls(cfg.algorithm.value_clip)
 
     def load_model(self, cfg: ModelConfig, dtype: torch.dtype, tokenizer: Any) -> torch.nn.Module:
         return load_value_model(cfg, dtype)
@@ -255,11 +282,11 @@ class ValueObjective:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[..., 0].float()
         return out.gather(1, batch.response_index)
 
-    def loss(self, model: torch.nn.Module, batch: RLBatch, **_: Any) -> LossOutput:
+    def loss(self, model: torch.nn.Module, batch: RLBatch) -> LossOutput:
         from rlhf_ray.algorithms.policy_loss import value_loss
 
         values = self.predict(model, batch)
-        loss_sum, count = value_loss(values, batch.fields["values"], batch.fields["returns"], batch.mask,
+        loss_sum, count = value_loss(values, batch.require("values"), batch.require("returns"), batch.mask,
                                      self.value_clip)
         return LossOutput(loss_sum, count, {"value_loss": loss_sum.detach()})
 
@@ -268,12 +295,3 @@ class ValueObjective:
         lengths = batch.mask.sum(-1).long().tolist()
         return [row[:n] for row, n in zip(values.cpu().tolist(), lengths)]
 
-
-OBJECTIVES: dict[str, type] = {"sft": SFTObjective, "reward": RewardObjective, "policy": PolicyObjective,
-                               "value": ValueObjective}
-
-
-def make_objective(name: str, **options: Any) -> Objective:
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown learner objective {name!r}; valid: {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name](**options)

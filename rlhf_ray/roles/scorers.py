@@ -30,7 +30,7 @@ def _quiet_transformers() -> None:
 def sequence_batches(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
                      micro_batch_size: int, pad_id: int):
     """Yield (start, input_ids [b, L], attention [b, L]) over prompt+response sequences, right-padded."""
-    from rlhf_ray.data.collate import pad_sequences
+    from rlhf_ray.algorithms.masked import pad_sequences
 
     for start in range(0, len(prompt_ids), micro_batch_size):
         seqs = [list(p) + list(r) for p, r in zip(prompt_ids[start:start + micro_batch_size],
@@ -110,7 +110,6 @@ class RewardActor:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from rlhf_ray.data.sft import require_chat_template
-
         from rlhf_ray.models.loading import disable_dropout, resolve_dtype
 
         # bfloat16 on CUDA, float32 on CPU, as every other role (the scores are normalised in float32).
@@ -147,7 +146,7 @@ class RewardActor:
     @torch.no_grad()
     def _model_scores(self, rollouts: pa.Table) -> list[float]:
         """Normalised reward-model scores, read (as in RM training) at each sequence's last non-pad token."""
-        from rlhf_ray.data.collate import pad_sequences
+        from rlhf_ray.algorithms.masked import pad_sequences
 
         sequences = self.model_inputs(rollouts)
         pad = self.model.config.pad_token_id

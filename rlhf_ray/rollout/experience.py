@@ -98,7 +98,7 @@ def build_experience(rollouts: pa.Table, ref_logprobs: list[list[float]], reward
         "rollout_logprobs": rollouts.column("rollout_logprobs").to_pylist(),
         "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "values": per_row(value_t),
         "advantages": per_row(advantages), "returns": per_row(returns),
-        "score": scores.tolist(), "group": groups.tolist(),
+        "score": scores.tolist(), "group": groups.tolist(), "kl_coef": [float(params.kl_coef)] * len(response_ids),
     }, schema=EXPERIENCE_SCHEMA)
     return table, stats
 

@@ -12,7 +12,7 @@ from typing import Sequence
 import pyarrow as pa
 import torch
 
-from rlhf_ray.data.collate import pad_sequences
+from rlhf_ray.algorithms.masked import pad_sequences
 
 # A conversation: [{role, content}, ...] (reward models re-render prompt messages + the response text).
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -38,10 +38,8 @@ ROLLOUT_SCHEMA = pa.schema([
     ("prompt_messages", MESSAGES_TYPE),
 ])
 
-# Columns that scorers add, each aligned with the rollout rows.
-REFERENCE_SCHEMA = pa.schema([("ref_logprobs", pa.list_(pa.float32()))])     # [T_i]
+# The column a reward scorer adds, aligned with the rollout rows.
 REWARD_SCHEMA = pa.schema([("score", pa.float32())])                          # sequence score (normalised)
-VALUE_SCHEMA = pa.schema([("values", pa.list_(pa.float32()))])               # [T_i] critic values
 
 # What the learners train on: rollouts + scores + advantages.
 EXPERIENCE_SCHEMA = pa.schema([
@@ -55,11 +53,8 @@ EXPERIENCE_SCHEMA = pa.schema([
     ("returns", pa.list_(pa.float32())),      # [] when there is no critic
     ("score", pa.float32()),
     ("group", pa.int64()),
+    ("kl_coef", pa.float64()),                # the KL coefficient of this step (the loss uses it for KL in loss)
 ])
-
-
-def empty_table(schema: pa.Schema) -> pa.Table:
-    return schema.empty_table()
 
 
 def response_tensor(column: Sequence[Sequence[float]], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -70,8 +65,3 @@ def response_tensor(column: Sequence[Sequence[float]], dtype: torch.dtype = torc
 def response_mask(response_ids: Sequence[Sequence[int]]) -> torch.Tensor:
     """[B, T_max] float mask, 1 on each response's real tokens."""
     return pad_sequences([[1] * len(r) for r in response_ids], 0, dtype=torch.float32)
-
-
-def concat(tables: Sequence[pa.Table]) -> pa.Table:
-    """Concatenate the shard tables of several actors (row order kept)."""
-    return pa.concat_tables(list(tables)) if tables else pa.table({})

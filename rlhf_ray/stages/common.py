@@ -13,12 +13,14 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from rlhf_ray.config.base import RunConfig
 from rlhf_ray.config_loader import ConfigError, save_config
+from rlhf_ray.distributed.worker_group import shard_rows
 
 _CHECKPOINT = re.compile(r"^step_(\d{8})$")
 
@@ -133,8 +135,7 @@ class StepSampler:
         epoch, index = divmod(step, self.steps_per_epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
         rows = order[index * self.global_batch:(index + 1) * self.global_batch].tolist()
-        per_rank = self.global_batch // self.num_ranks
-        return [rows[r * per_rank:(r + 1) * per_rank] for r in range(self.num_ranks)]
+        return shard_rows(rows, self.num_ranks)  # global_batch is a multiple of num_ranks: equal shards
 
 
 def total_steps(max_steps: int, epochs: float, steps_per_epoch: int) -> int:
@@ -201,39 +202,66 @@ class StopRequest:
             signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
-def run_steps(name: str, run: Any, start: int, steps: int, step: Callable[[int], dict[str, Any]],
-              evaluate: Callable[[int], dict[str, Any]], checkpoint: Callable[[int], None],
-              logger: MetricsLogger, postfix: Callable[[dict[str, Any]], dict[str, str]]) -> dict[str, Any]:
-    """The step loop every stage shares: train steps `start..steps` with a progress bar; log, evaluate and
-    checkpoint on `run`'s schedule; at the end checkpoint and return the final eval.
+class StageLoop(Protocol):
+    """What `run_steps` drives: one stage's training loop, seen from the shared step schedule."""
+
+    @property
+    def name(self) -> str:
+        """The stage's name: the progress bar's label and the Ctrl-C messages' prefix."""
+
+    @property
+    def total_steps(self) -> int:
+        """The step the run ends at (steps are counted from 0; a resumed run starts part-way)."""
+
+    @property
+    def logger(self) -> MetricsLogger:
+        """Where the train metrics of each logged step go."""
+
+    def step(self, step: int) -> dict[str, Any]:
+        """Train step `step` (0-based); returns its metrics."""
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """Evaluate after `step` steps (logging it is the loop's job); returns the metrics."""
+
+    def checkpoint(self, step: int) -> None:
+        """Write a resumable checkpoint after `step` steps."""
+
+    def postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
+        """A step's metrics as the progress bar's postfix (name -> formatted value)."""
+
+
+def run_steps(loop: StageLoop, run: RunConfig, start: int) -> dict[str, Any]:
+    """The step loop every stage shares: train steps `start..loop.total_steps` with a progress bar; log,
+    evaluate and checkpoint on `run`'s schedule; at the end checkpoint and return the final eval.
 
     Ctrl-C (see `StopRequest`): the step in flight completes, is logged and checkpointed at the step boundary,
     then KeyboardInterrupt is raised; `run.resume=auto` continues the same curve. A second Ctrl-C stops at once.
     """
+    name, steps = loop.name, loop.total_steps
     current, saved = start, None
     stop = StopRequest(name)
     bar = tqdm(total=steps, initial=start, desc=name, unit="step", dynamic_ncols=True)
     try:
         with stop.installed():
             while current < steps and not stop.requested:
-                metrics = step(current)
+                metrics = loop.step(current)
                 current += 1
                 bar.update(1)
-                bar.set_postfix(**postfix(metrics))
+                bar.set_postfix(**loop.postfix(metrics))
                 if current % run.log_every == 0 or current == steps or stop.requested:
-                    logger.log(current, metrics)
+                    loop.logger.log(current, metrics)
                 if stop.requested:
                     break
                 if run.eval_every and current % run.eval_every == 0 and current < steps:
-                    evaluate(current)
+                    loop.evaluate(current)
                 if run.save_every and current % run.save_every == 0 and current < steps:
-                    checkpoint(current)
+                    loop.checkpoint(current)
                     saved = current
             if saved != current:
-                checkpoint(current)
+                loop.checkpoint(current)
     finally:
         bar.close()
     if stop.requested:
         tqdm.write(f"[{name}] stopped by Ctrl-C after step {current} (checkpointed); run.resume=auto continues")
         raise KeyboardInterrupt
-    return evaluate(current)
+    return loop.evaluate(current)

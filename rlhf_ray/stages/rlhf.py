@@ -30,8 +30,11 @@ from rlhf_ray.config_loader import ConfigError
 from rlhf_ray.data.prompts import load_prompts
 from rlhf_ray.data.sft import split_eval
 from rlhf_ray.distributed.runtime import ray_session
+from rlhf_ray.distributed.worker_group import shard_rows
 from rlhf_ray.models.loading import load_tokenizer
 from rlhf_ray.rewards import load_reward_function
+from rlhf_ray.rewards.checker import load_checker
+from rlhf_ray.roles.generator import Sampling
 from rlhf_ray.rollout.experience import ExperienceParams
 from rlhf_ray.stages.common import (
     MetricsLogger,
@@ -51,6 +54,7 @@ def run_rlhf(cfg: RLHFConfig) -> StageResult:
     tokenizer = load_tokenizer(cfg.policy)
     for fn in cfg.reward.functions:  # fail on a bad import path before any actor starts
         load_reward_function(fn.path)
+    load_checker(cfg.eval.checker)
     prompts, eval_prompts, stats = load_prompt_splits(cfg, tokenizer)
     tqdm.write(f"[rlhf] prompts: {json.dumps(stats)}; eval prompts: {eval_prompts.num_rows}")
     run_dir = RunDir(cfg.run.output_dir, cfg.run.name)
@@ -67,14 +71,16 @@ def run_rlhf(cfg: RLHFConfig) -> StageResult:
 
 def load_prompt_splits(cfg: RLHFConfig, tokenizer: Any) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
     """(train prompts, held-out prompts, load stats). Without `data.eval`, a seeded `data.eval_fraction` of the
-    training prompts is held out and never trained on."""
-    data = cfg.data
+    training prompts is held out and never trained on. At most `eval.num_generate` prompts are held out."""
+    data, limit = cfg.data, cfg.eval.num_generate
+    if limit < 1:
+        raise ConfigError(f"eval.num_generate: RLHF evaluates on held-out prompts; must be >= 1, got {limit}")
     prompts, stats = load_prompts(data.train, tokenizer, data.max_prompt_length, data.skip_invalid, data.split)
     if data.eval:
         eval_prompts, _ = load_prompts(data.eval, tokenizer, data.max_prompt_length, data.skip_invalid, data.split,
-                                       limit=data.max_eval_prompts)
+                                       limit=limit)
         return prompts, eval_prompts, stats
-    train_rows, eval_rows = split_eval(prompts.num_rows, data.eval_fraction, data.max_eval_prompts, cfg.run.seed)
+    train_rows, eval_rows = split_eval(prompts.num_rows, data.eval_fraction, limit, cfg.run.seed)
     if not eval_rows:
         raise ConfigError(f"data.eval is null and {data.train} has {prompts.num_rows} prompt(s): too few to hold "
                           "any out for evaluation; give data.eval")
@@ -82,7 +88,17 @@ def load_prompt_splits(cfg: RLHFConfig, tokenizer: Any) -> tuple[pa.Table, pa.Ta
     return prompts.take(train_rows), prompts.take(eval_rows), stats
 
 
+def eval_max_new_tokens(cfg: RLHFConfig) -> int:
+    """The longest held-out answer: eval.max_new_tokens, or (null) as long as the rollouts'."""
+    tokens = cfg.eval.max_new_tokens
+    return cfg.generator.max_new_tokens if tokens is None else tokens
+
+
 class RLHFLoop:
+    """The RLHF stage as a `StageLoop` for `run_steps`: one step = generate, score, advantages, train, sync."""
+
+    name = "rlhf"
+
     def __init__(self, cfg: RLHFConfig, roles: Roles, prompts_ref: ray.ObjectRef, num_prompts: int,
                  eval_ref: ray.ObjectRef, num_eval: int, run_dir: RunDir):
         self.cfg, self.roles, self.run_dir = cfg, roles, run_dir
@@ -102,8 +118,7 @@ class RLHFLoop:
                 start = self.restore(resume_from)
             elif cfg.eval.at_start:
                 self.evaluate(0)
-            final = run_steps("rlhf", cfg.run, start, cfg.run.max_steps, self.step, self.evaluate, self.checkpoint,
-                              self.logger, lambda m: {"reward": f"{m['reward/mean']:.3f}", "kl": f"{m['kl']:.3f}"})
+            final = run_steps(self, cfg.run, start)
             model_dir = Path(self.roles.learners.save_model(self.run_dir.model))
             if self.roles.critic is not None:
                 self.roles.critic.save_model(self.run_dir.path / "critic")
@@ -112,25 +127,31 @@ class RLHFLoop:
         finally:
             self.logger.close()
 
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.run.max_steps
+
+    def postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
+        return {"reward": f"{metrics['reward/mean']:.3f}", "kl": f"{metrics['kl']:.3f}"}
+
     def step(self, step: int) -> dict[str, Any]:
         cfg, roles, timer = self.cfg, self.roles, self.timer
         began = time.perf_counter()
         rows = self.sampler.shards(step)[0]
         with timer.phase("generate"):
-            parts = roles.generators.generate(self.prompts_ref, rows, cfg.generator.samples_per_prompt,
-                                              cfg.generator.temperature, cfg.generator.top_p,
-                                              cfg.generator.max_new_tokens, seed=_step_seed(cfg.run.seed, step))
+            sampling = Sampling.of(cfg.generator, seed=_step_seed(cfg.run.seed, step))
+            parts = roles.generators.generate(self.prompts_ref, rows, sampling)
             rollouts = concat_tables.remote(*parts)
             ray.wait([rollouts], fetch_local=False)
         n = len(rows) * cfg.generator.samples_per_prompt
         with timer.phase("score"):
-            scored = roles.score(rollouts, n)
-            pending = [r for refs in scored if refs for r in refs]
+            scores = roles.score(rollouts, n)
+            pending = scores.refs()
             ray.wait(pending, num_returns=len(pending), fetch_local=False)
         with timer.phase("advantages"):
             path = self._rollout_path(step)
             experience, stats_ref = make_experience.options(num_returns=2).remote(
-                rollouts, *scored, params=self._params(), rollout_path=path)
+                rollouts, scores, params=self._params(), rollout_path=path)
             stats = ray.get(stats_ref)
         with timer.phase("train"):
             stats.update(self.train(experience, n, step))
@@ -154,10 +175,9 @@ class RLHFLoop:
             size = n // algo.num_minibatches
             for mb in range(algo.num_minibatches):
                 chunk = order[mb * size:(mb + 1) * size]
-                metrics = roles.learners.train_step(experience, _split(chunk, roles.learners.num_ranks),
-                                                    kl_coef=self.kl.value)
+                metrics = roles.learners.train_step(experience, shard_rows(chunk, roles.learners.num_ranks))
                 if roles.critic is not None:
-                    critic = roles.critic.train_step(experience, _split(chunk, roles.critic.num_ranks))
+                    critic = roles.critic.train_step(experience, shard_rows(chunk, roles.critic.num_ranks))
                     metrics["value_loss"] = critic["loss"]
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value
@@ -173,14 +193,14 @@ class RLHFLoop:
         """Greedy answers to held-out prompts: reward, task-checker accuracy, KL to the reference, length."""
         roles = self.roles
         rows = list(range(self.num_eval))
-        parts = roles.generators.generate(self.eval_ref, rows, 1, 0.0, 1.0, self.cfg.generator.max_new_tokens,
-                                          seed=self.cfg.run.seed)
+        parts = roles.generators.generate(self.eval_ref, rows,
+                                          Sampling.greedy(eval_max_new_tokens(self.cfg), seed=self.cfg.run.seed))
         rollouts = concat_tables.remote(*parts)
         # Greedy logprobs come from vLLM untempered: the reference scores them at temperature 1 too.
-        ref_parts, reward_parts, _, _ = roles.score(rollouts, len(rows), policy=False,
-                                                    temperature=scoring_temperature(0.0))
-        metrics, samples = ray.get(summarize_eval.remote(rollouts, ref_parts, reward_parts,
-                                                          self.cfg.algorithm.kl_estimator, self.cfg.eval.num_print))
+        scores = roles.score(rollouts, len(rows), policy=False, temperature=scoring_temperature(0.0))
+        metrics, samples = ray.get(summarize_eval.remote(rollouts, scores.reference, scores.reward,
+                                                          self.cfg.algorithm.kl_estimator, self.cfg.eval.num_print,
+                                                          self.cfg.eval.checker))
         for prompt, response, score in samples:
             tqdm.write(f"  [step {step}] {prompt!r:44.44} -> {response!r} (score {score:+.3f})")
         self.logger.log(step, metrics, prefix="eval")
@@ -217,11 +237,6 @@ class RLHFLoop:
         if every and (step + 1) % every == 0:
             return str(self.run_dir.path / "rollouts" / f"step_{step + 1:08d}.parquet")
         return None
-
-
-def _split(rows: list[int], parts: int) -> list[list[int]]:
-    size = len(rows) // parts
-    return [rows[i * size:(i + 1) * size] for i in range(parts)]
 
 
 def _step_seed(seed: int, step: int) -> int:

@@ -5,44 +5,41 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Optional
 
 import ray
-from ray.util.placement_group import remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.algorithms.advantages import needs_critic
-from rlhf_ray.algorithms.logprobs import scoring_temperature
 from rlhf_ray.config import LearnerConfig, ModelConfig, RLHFConfig
 from rlhf_ray.config_loader import ConfigError
 from rlhf_ray.distributed.runtime import cluster_device, worker_env_vars
 from rlhf_ray.distributed.weight_transfer import WeightSync
-from rlhf_ray.distributed.worker_group import GroupSpec, check_total, reserve
+from rlhf_ray.distributed.worker_group import (
+    GroupSpec,
+    WorkerGroup,
+    check_total,
+    group_spec,
+)
 from rlhf_ray.roles.generator import GeneratorGroup
 from rlhf_ray.roles.learner import LearnerGroup
+from rlhf_ray.roles.objectives import PolicyObjective, ValueObjective
 from rlhf_ray.roles.scorers import ReferenceActor, RewardActor
+from rlhf_ray.stages.rlhf_tasks import Scores
 
 
 def learner_spec(learner: LearnerConfig, name: str, device: str) -> GroupSpec:
     """The placement of one DeepSpeed learner group (policy, critic, or a supervised stage's learner)."""
-    return GroupSpec(name=name, num_workers=learner.num_ranks, cpus_per_worker=learner.cpus_per_rank,
-                     gpus_per_worker=learner.gpus_per_rank if device == "cuda" else 0.0,
-                     strategy=learner.placement_strategy, resources=tuple(sorted(learner.resources_per_rank.items())))
+    return group_spec(name, learner.num_ranks, learner.placement, learner.gpus_per_rank, device)
 
 
 def role_specs(cfg: RLHFConfig, device: str) -> dict[str, GroupSpec]:
     """What every role of the run reserves: one `GroupSpec` (bundles of CPU/GPU/custom resources) per role."""
-    gpu = device == "cuda"
     gen, ref, rew = cfg.generator, cfg.reference, cfg.reward
     specs = {
         "policy learner": learner_spec(cfg.learner, "policy-learner", device),
-        "generators": GroupSpec("generator", gen.num_engines, gen.cpus_per_engine,
-                                gen.engine_gpus if gpu else 0.0,
-                                resources=tuple(sorted(gen.resources_per_engine.items()))),
-        "reference": GroupSpec("reference", ref.num_actors, ref.cpus_per_actor, ref.gpus_per_actor if gpu else 0.0,
-                               resources=tuple(sorted(ref.resources_per_actor.items()))),
-        "reward": GroupSpec("reward", rew.num_actors, rew.cpus_per_actor, rew.gpus_per_actor if gpu else 0.0,
-                            resources=tuple(sorted(rew.resources_per_actor.items()))),
+        "generators": group_spec("generator", gen.num_engines, gen.placement, gen.engine_gpus, device),
+        "reference": group_spec("reference", ref.num_actors, ref.placement, ref.gpus_per_actor, device),
+        "reward": group_spec("reward", rew.num_actors, rew.placement, rew.gpus_per_actor, device),
     }
     if needs_critic(cfg.algorithm.advantage):
         specs["critic"] = learner_spec(cfg.critic.learner, "critic", device)
@@ -73,9 +70,9 @@ def check_gpu_shares(cfg: RLHFConfig, device: str) -> None:
                                              if needs_critic(cfg.algorithm.advantage) else [])
     for key, learner in learners:
         check_rank_gpus(learner, key)
-    holders = [("reference.gpus_per_actor", cfg.reference.gpus_per_actor, "the reference policy")]
+    holders = [("reference.placement.gpus", cfg.reference.gpus_per_actor, "the reference policy")]
     if cfg.reward.model:
-        holders.append(("reward.gpus_per_actor", cfg.reward.gpus_per_actor, "the reward model"))
+        holders.append(("reward.placement.gpus", cfg.reward.gpus_per_actor, "the reward model"))
     for key, gpus, what in holders:
         if gpus <= 0:
             raise ConfigError(f"{key}=0 on a CUDA run: the actor holding {what} would use GPU 0 without "
@@ -86,7 +83,7 @@ def check_gpu_shares(cfg: RLHFConfig, device: str) -> None:
 def check_rank_gpus(learner: LearnerConfig, key: str) -> None:
     """Ranks of one DeepSpeed job need a GPU each on CUDA: NCCL refuses two ranks of a group on one GPU."""
     if learner.num_ranks > 1 and learner.gpus_per_rank < 1:
-        raise ConfigError(f"{key}.gpus_per_rank={learner.gpus_per_rank:g} with {key}.num_ranks={learner.num_ranks}: "
+        raise ConfigError(f"{key}.placement.gpus={learner.gpus_per_rank:g} with {key}.num_ranks={learner.num_ranks}: "
                           "ranks of one DeepSpeed job cannot share a GPU (NCCL refuses it); give each rank a whole "
                           f"GPU or use {key}.num_ranks=1")
 
@@ -121,94 +118,56 @@ def needed_cpus(cfg: RLHFConfig) -> int:
     return max(int(math.ceil(total)), os.cpu_count() or 1)
 
 
-def _rl_learner(cfg: RLHFConfig, learner):
-    per_rank = cfg.rollouts_per_minibatch_per_rank(learner)
-    if per_rank is None or per_rank % learner.micro_batch_size:
-        raise ValueError(f"{cfg.rollouts_per_step} rollouts per step do not split into "
-                         f"{cfg.algorithm.num_minibatches} minibatches x {learner.num_ranks} ranks x "
-                         f"micro-batches of {learner.micro_batch_size}")
-    return replace(learner, grad_accum=per_rank // learner.micro_batch_size)
-
-
-def _actors(cls: type, name: str, count: int, cpus: float, gpus: float, resources: dict, device: str,
-            *args: Any) -> tuple[Any, list]:
-    """(placement group, actors): `count` actors of `cls`, one bundle each."""
-    spec = GroupSpec(name=name, num_workers=count, cpus_per_worker=cpus,
-                     gpus_per_worker=gpus if device == "cuda" else 0.0, resources=tuple(sorted(resources.items())))
-    pg = reserve(spec)
-    remote = ray.remote(cls)
-    return pg, [remote.options(num_cpus=cpus, num_gpus=spec.gpus_per_worker,
-                           scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-                           runtime_env={"env_vars": worker_env_vars(device)}).remote(*args) for i in range(count)]
-
-
 @dataclass
 class Roles:
+    """Every role of one RLHF run, each a group of Ray actors placed by `WorkerGroup`."""
+
     generators: GeneratorGroup
-    reference: list
-    reward: list
+    reference: WorkerGroup
+    reward: WorkerGroup
     learners: LearnerGroup
     critic: Optional[LearnerGroup]
     sync: WeightSync
-    placement_groups: list
 
     @classmethod
     def create(cls, cfg: RLHFConfig) -> "Roles":
         device = cluster_device(cfg.learner.device)
         check_gpu_shares(cfg, device)
         check_total(role_resources(cfg, device))
+        specs = role_specs(cfg, device)
         algo = cfg.algorithm
         updates = cfg.run.max_steps * algo.ppo_epochs * algo.num_minibatches
         env = {"env_vars": worker_env_vars(device)}
-        policy_opts = {"clip_eps": algo.clip_eps, "dual_clip": algo.dual_clip, "aggregation": algo.loss_aggregation,
-                       "entropy_coef": algo.entropy_coef, "kl_in_loss": algo.kl_in == "loss",
-                       "kl_estimator": algo.kl_estimator,
-                       # The learner and the reference score tokens under the distribution vLLM sampled from.
-                       "temperature": scoring_temperature(cfg.generator.temperature)}
-        learners = LearnerGroup(cfg.policy, _rl_learner(cfg, cfg.learner), "policy", updates, cfg.run.seed, device,
-                                runtime_env=env, name="policy-learner", objective_options=policy_opts)
+        learners = LearnerGroup(cfg.policy, cfg.learner, PolicyObjective.of(cfg), updates, cfg.run.seed, device,
+                                runtime_env=env, name="policy-learner")
         critic = None
         if needs_critic(algo.advantage):
             critic_model = ModelConfig(path=critic_start(cfg),
                                        tokenizer=cfg.policy.tokenizer or cfg.policy.path, dtype=cfg.policy.dtype,
                                        trust_remote_code=cfg.policy.trust_remote_code)
-            critic = LearnerGroup(critic_model, _rl_learner(cfg, cfg.critic.learner), "value", updates,
-                                  cfg.run.seed, device, runtime_env=env, name="critic",
-                                  objective_options={"value_clip": algo.value_clip})
+            critic = LearnerGroup(critic_model, cfg.critic.learner, ValueObjective.of(cfg), updates, cfg.run.seed,
+                                  device, runtime_env=env, name="critic")
         generators = GeneratorGroup(cfg.policy.path, cfg.generator, cfg.run.seed, device)
         ref_model = replace(cfg.policy, path=cfg.reference.path or cfg.policy.path, gradient_checkpointing=False)
-        r = cfg.reference
-        ref_pg, reference = _actors(ReferenceActor, "reference", r.num_actors, r.cpus_per_actor, r.gpus_per_actor,
-                                    r.resources_per_actor, device, ref_model, r.micro_batch_size, device,
-                                    policy_opts["temperature"])
-        w = cfg.reward
-        reward_pg, reward = _actors(RewardActor, "reward", w.num_actors, w.cpus_per_actor, w.gpus_per_actor,
-                                    w.resources_per_actor, device, w, device)
+        reference = WorkerGroup(ReferenceActor, specs["reference"], ref_model, cfg.reference.micro_batch_size,
+                                device, PolicyObjective.of(cfg).temperature, runtime_env=env)
+        reward = WorkerGroup(RewardActor, specs["reward"], cfg.reward, device, runtime_env=env)
         sync = WeightSync(cfg.sync, learners, generators)
-        return cls(generators, reference, reward, learners, critic, sync, [ref_pg, reward_pg])
+        return cls(generators, reference, reward, learners, critic, sync)
 
     def score(self, rollouts: ray.ObjectRef, n: int, policy: bool = True,
-              temperature: Optional[float] = None) -> tuple[list, list, list, Optional[list]]:
-        """Start every scorer on `rollouts` at once; returns refs (reference, reward, policy logprobs, values).
-        `temperature`: the one the reference scores at when the rollouts were not sampled at the training
-        temperature (greedy evaluation: 1)."""
-        ref = [a.logprobs.remote(rollouts, rows, temperature)
-               for a, rows in zip(self.reference, _shard(n, len(self.reference)))]
-        reward = [a.score.remote(rollouts, rows) for a, rows in zip(self.reward, _shard(n, len(self.reward)))]
-        old = self.learners.response_logprobs(rollouts, n) if policy else []
-        values = self.critic.response_values(rollouts, n) if policy and self.critic is not None else None
-        return ref, reward, old, values
+              temperature: Optional[float] = None) -> Scores:
+        """Start every scorer on the `n` rows of `rollouts` at once (each group shards the rows). `policy`: also
+        the policy's own logprobs and (PPO) the critic's values. `temperature`: the one the reference scores at
+        when the rollouts were not sampled at the training temperature (greedy evaluation: 1)."""
+        rows = list(range(n))
+        return Scores(
+            reference=self.reference.map_shards(rows, lambda a, shard: a.logprobs.remote(rollouts, shard, temperature)),
+            reward=self.reward.map_shards(rows, lambda a, shard: a.score.remote(rollouts, shard)),
+            old_logprobs=self.learners.response_logprobs(rollouts, n) if policy else [],
+            values=self.critic.response_values(rollouts, n) if policy and self.critic is not None else None)
 
     def shutdown(self) -> None:
-        for actor in self.reference + self.reward:
-            ray.kill(actor)
-        for pg in self.placement_groups:
-            remove_placement_group(pg)
-        self.generators.shutdown()
-        self.learners.shutdown()
-        if self.critic is not None:
-            self.critic.shutdown()
-
-
-def _shard(n: int, parts: int) -> list[list[int]]:
-    return [list(range(i, n, parts)) for i in range(parts)]
+        for group in (self.reference, self.reward, self.generators, self.learners, self.critic):
+            if group is not None:
+                group.shutdown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -10,7 +11,7 @@ import pyarrow as pa
 import ray
 
 from rlhf_ray.algorithms.kl import kl_estimate
-from rlhf_ray.data.synthetic import TASKS, score_answer
+from rlhf_ray.rewards.checker import grade_answers, grade_summary
 from rlhf_ray.rollout.experience import (
     ExperienceParams,
     build_experience,
@@ -19,6 +20,21 @@ from rlhf_ray.rollout.experience import (
     write_rollouts,
 )
 from rlhf_ray.rollout.schema import response_mask, response_tensor
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What the scorers make of one rollout table: per role, refs to the workers' tables (rows of the rollout
+    table with their values), in the object store until a task resolves them."""
+
+    reference: list[ray.ObjectRef]                        # (row, values): reference logprobs
+    reward: list[ray.ObjectRef]                           # (row, score, score/<part>...)
+    old_logprobs: list[ray.ObjectRef] = field(default_factory=list)  # (row, values): the policy's own (pi_old)
+    values: Optional[list[ray.ObjectRef]] = None          # (row, values): the critic's; None without a critic
+
+    def refs(self) -> list[ray.ObjectRef]:
+        """Every ref, to wait on."""
+        return [*self.reference, *self.reward, *self.old_logprobs, *(self.values or [])]
 
 
 @ray.remote(num_cpus=0)
@@ -35,15 +51,14 @@ def _scores_in_order(parts: list[pa.Table], num_rows: int) -> pa.Table:
 
 
 @ray.remote(num_cpus=0, num_returns=2)
-def make_experience(rollouts: pa.Table, ref_parts: list, reward_parts: list, old_parts: list,
-                    value_parts: Optional[list], params: ExperienceParams,
+def make_experience(rollouts: pa.Table, scores: Scores, params: ExperienceParams,
                     rollout_path: Optional[str]) -> tuple[pa.Table, dict[str, float]]:
     """Join the scorers' outputs (refs resolved here, not in the driver) and compute advantages."""
     n = rollouts.num_rows
-    ref = rows_in_order(ray.get(ref_parts), n)
-    rewards = _scores_in_order(ray.get(reward_parts), n)
-    old = rows_in_order(ray.get(old_parts), n)
-    values = rows_in_order(ray.get(value_parts), n) if value_parts else None
+    ref = rows_in_order(ray.get(scores.reference), n)
+    rewards = _scores_in_order(ray.get(scores.reward), n)
+    old = rows_in_order(ray.get(scores.old_logprobs), n)
+    values = rows_in_order(ray.get(scores.values), n) if scores.values else None
     experience, stats = build_experience(rollouts, ref, rewards, old, values, params)
     if rollout_path:
         write_rollouts(Path(rollout_path), rollouts, experience, kl_rows(experience, params.kl_estimator))
@@ -51,9 +66,10 @@ def make_experience(rollouts: pa.Table, ref_parts: list, reward_parts: list, old
 
 
 @ray.remote(num_cpus=0)
-def summarize_eval(rollouts: pa.Table, ref_parts: list, reward_parts: list, kl_estimator: str,
-                   num_samples: int) -> tuple[dict[str, float], list[tuple[str, str, float]]]:
-    """Held-out metrics of greedy answers: reward, task accuracy (rows naming a synthetic task), KL, length."""
+def summarize_eval(rollouts: pa.Table, ref_parts: list, reward_parts: list, kl_estimator: str, num_samples: int,
+                   checker: Optional[str]) -> tuple[dict[str, float], list[tuple[str, str, float]]]:
+    """Held-out metrics of greedy answers: reward, KL, length, and accuracy and mean grade by the answer checker
+    at import path `checker` (over the rows it can grade; none when null)."""
     n = rollouts.num_rows
     ref = response_tensor(rows_in_order(ray.get(ref_parts), n))
     rewards = _scores_in_order(ray.get(reward_parts), n)
@@ -66,11 +82,9 @@ def summarize_eval(rollouts: pa.Table, ref_parts: list, reward_parts: list, kl_e
                                "response_length": float(mask.sum(-1).mean())}
     responses = rollouts.column("response_text").to_pylist()
     metas = [json.loads(m) for m in rollouts.column("metadata").to_pylist()]
-    graded = [score_answer(m["task"], m["input"], r) for m, r in zip(metas, responses)
-              if m.get("task") in TASKS and isinstance(m.get("input"), str)]
-    if graded:
-        metrics["accuracy"] = sum(g == 1.0 for g in graded) / len(graded)
-        metrics["task_score"] = sum(graded) / len(graded)
+    summary = grade_summary(grade_answers(checker, metas, responses))
+    if summary is not None:
+        metrics["accuracy"], metrics["task_score"] = summary
     samples = list(zip(rollouts.column("prompt_text").to_pylist(), responses, scores))[:num_samples]
     return metrics, samples
 

@@ -18,10 +18,11 @@ import ray
 from tqdm.auto import tqdm
 
 from rlhf_ray.algorithms.metrics import preference_metrics
-from rlhf_ray.config import RMConfig, RMEvalConfig
+from rlhf_ray.config import EvalConfig, RMConfig
 from rlhf_ray.data.preference import load_preference_data
 from rlhf_ray.models.loading import load_tokenizer
 from rlhf_ray.roles.learner import LearnerGroup
+from rlhf_ray.roles.objectives import RewardObjective
 from rlhf_ray.stages.supervised import StagePlan, StageResult, run_supervised
 
 REWARD_STATS_FILE = "reward_stats.json"
@@ -32,15 +33,15 @@ def run_rm(cfg: RMConfig) -> StageResult:
     tokenizer = load_tokenizer(cfg.model)
     data = load_preference_data(cfg.data, tokenizer, cfg.run.seed)  # validated before Ray starts
     evaluator = RMEvaluator(cfg.eval, data.eval)
-    plan = StagePlan("rm", "reward", data.train, data.eval, data.stats, evaluator,
-                     finalize=evaluator.write_stats, objective_options={"ranking_loss": cfg.loss.ranking_loss})
+    plan = StagePlan("rm", RewardObjective.of(cfg.loss), data.train, data.eval, data.stats, evaluator,
+                     finalize=evaluator.write_stats)
     return run_supervised(plan, cfg)
 
 
 class RMEvaluator:
     """Held-out loss, accuracy, margin, Spearman; remembers the last rewards for the saved statistics."""
 
-    def __init__(self, cfg: RMEvalConfig, table: pa.Table):
+    def __init__(self, cfg: EvalConfig, table: pa.Table):
         self.cfg = cfg
         columns = table.select(["kind", "order", "scores", "prompt_text", "responses"]).to_pydict()
         self.kinds, self.orders, self.targets = columns["kind"], columns["order"], columns["scores"]

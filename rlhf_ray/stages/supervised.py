@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from rlhf_ray.distributed.runtime import cluster_device, ray_session, worker_env_vars
 from rlhf_ray.roles.learner import LearnerGroup
+from rlhf_ray.roles.objectives import Objective
 from rlhf_ray.stages.common import (
     MetricsLogger,
     RunDir,
@@ -35,14 +36,13 @@ Evaluator = Callable[[LearnerGroup, ray.ObjectRef, int], dict[str, Any]]
 @dataclass(frozen=True)
 class StagePlan:
     name: str                 # "sft", "rm": log prefix and checkpoint tag
-    objective: str            # the learner objective (see roles/objectives.py)
+    objective: Objective      # what the learner optimises, built from the stage's config
     train: pa.Table
     eval: pa.Table
     data_stats: dict[str, Any]
     evaluate: Evaluator
     # Called after the model is saved, with the learner group and the model directory (e.g. reward stats).
     finalize: Optional[Callable[[LearnerGroup, Path], None]] = None
-    objective_options: Optional[dict[str, Any]] = None
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,10 @@ def run_supervised(plan: StagePlan, cfg: Any) -> StageResult:
         train_ref, eval_ref = ray.put(plan.train), ray.put(plan.eval)
         has_eval = plan.eval.num_rows > 0
         learners = LearnerGroup(cfg.model, cfg.learner, plan.objective, steps, cfg.run.seed, device,
-                                runtime_env={"env_vars": worker_env_vars(device)}, name=f"{plan.name}-learner",
-                                objective_options=plan.objective_options)
+                                runtime_env={"env_vars": worker_env_vars(device)}, name=f"{plan.name}-learner")
         logger = MetricsLogger(run_dir.path)
-        loop = _Loop(plan, cfg, learners, sampler, train_ref, eval_ref if has_eval else None, logger, run_dir)
+        loop = _Loop(plan, cfg, learners, sampler, steps, train_ref, eval_ref if has_eval else None, logger,
+                     run_dir)
         try:
             start = 0
             if resume_from is not None:
@@ -77,7 +77,7 @@ def run_supervised(plan: StagePlan, cfg: Any) -> StageResult:
                 tqdm.write(f"[{plan.name}] resumed from {resume_from} at step {start}")
             elif cfg.eval.at_start:
                 loop.evaluate(0)
-            final = loop.train(start, steps)
+            final = run_steps(loop, cfg.run, start)
             model_dir = Path(learners.save_model(run_dir.model))
             if plan.finalize is not None:
                 plan.finalize(learners, model_dir)
@@ -90,19 +90,21 @@ def run_supervised(plan: StagePlan, cfg: Any) -> StageResult:
 
 @dataclass
 class _Loop:
+    """The supervised stage as a `StageLoop` for `run_steps`."""
+
     plan: StagePlan
     cfg: Any
     learners: LearnerGroup
     sampler: StepSampler
+    total_steps: int
     train_ref: ray.ObjectRef
     eval_ref: Optional[ray.ObjectRef]
     logger: MetricsLogger
     run_dir: RunDir
 
-    def train(self, start: int, steps: int) -> dict[str, Any]:
-        return run_steps(self.plan.name, self.cfg.run, start, steps, self.step, self.evaluate, self.checkpoint,
-                         self.logger, lambda m: {"loss": f"{m['loss']:.4f}", "lr": f"{m['lr']:.2e}",
-                                                 "tok_s": f"{m['tokens_per_s']:.0f}"})
+    @property
+    def name(self) -> str:
+        return self.plan.name
 
     def step(self, step: int) -> dict[str, Any]:
         began = time.perf_counter()
@@ -111,6 +113,10 @@ class _Loop:
         metrics.update(step_time=seconds, tokens_per_s=metrics["tokens"] / seconds,
                        epoch=(step + 1) / self.sampler.steps_per_epoch)
         return metrics
+
+    def postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
+                "tok_s": f"{metrics['tokens_per_s']:.0f}"}
 
     def evaluate(self, step: int) -> dict[str, Any]:
         if self.eval_ref is None:

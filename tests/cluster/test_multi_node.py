@@ -47,7 +47,7 @@ def test_asking_for_more_than_the_cluster_has_fails_fast(ray_cluster, tmp_path):
     files = write_jsonl(make_rows(["sort"], 64, seed=1), tmp_path / "train.jsonl")
     cfg = load_config(RLHFConfig, None, [f"data.train={files}", "run.max_steps=1", "learner.device=cuda",
                                          "learner.num_ranks=4", "learner.micro_batch_size=16",
-                                         "learner.cpus_per_rank=0.25", "reference.gpus_per_actor=0.5"])
+                                         "learner.placement.cpus=0.25", "reference.placement.gpus=0.5"])
     with pytest.raises(PlacementError, match=r"the roles need [\d.]+ GPU in all \(policy learner 4, generators 1"):
         Roles.create(cfg)
     sft = load_config(SFTConfig, None, [f"data.train={files}", f"run.output_dir={tmp_path}", "run.max_steps=1",

@@ -108,7 +108,7 @@ def test_pipeline_job_succeeds_and_writes_its_outputs(head, tmp_path):
            "rm.run.max_steps=10", f"rm.run.output_dir={out}",
            f"rlhf.data.train={sft['train']}", f"rlhf.data.eval={sft['eval']}", "rlhf.run.max_steps=2",
            "rlhf.run.eval_every=0", "rlhf.run.save_every=0", "rlhf.run.save_rollouts_every=0",
-           "rlhf.data.max_eval_prompts=8", f"rlhf.run.output_dir={out}")
+           "rlhf.eval.num_generate=8", f"rlhf.run.output_dir={out}")
     state = wait(head, "pipeline-ok")
     logs = ray_job(head, "logs", "pipeline-ok")
     assert state == "SUCCEEDED", logs[-4000:]

@@ -33,12 +33,12 @@ def main(prompts_file: str, report_file: str) -> None:
         ray.init(address=cluster.address)
         out = Path(temp) / "runs"
         cfg = load_config(RLHFConfig, None, [
-            "policy.path=tiny:tiny", f"data.train={prompts_file}", "data.max_eval_prompts=4",
+            "policy.path=tiny:tiny", f"data.train={prompts_file}", "eval.num_generate=4",
             f"run.output_dir={out}", "run.name=two-node", "run.max_steps=1", "algorithm.advantage=grpo",
             "algorithm.prompts_per_step=8", "generator.samples_per_prompt=2", "generator.max_new_tokens=6",
             "generator.cpu_kv_cache_gib=0.25", "learner.num_ranks=2", "learner.micro_batch_size=8",
-            "generator.resources_per_engine={gen_node: 1}", "reference.resources_per_actor={gen_node: 1}",
-            "reward.resources_per_actor={gen_node: 1}", "learner.resources_per_rank={learner_node: 1}",
+            "generator.placement.resources={gen_node: 1}", "reference.placement.resources={gen_node: 1}",
+            "reward.placement.resources={gen_node: 1}", "learner.placement.resources={learner_node: 1}",
             "sync.verify=every", "reward.functions=[{path: 'rlhf_ray.rewards.tasks:task_score'}]"])
         tokenizer = load_tokenizer(cfg.policy)
         prompts, _ = load_prompts(cfg.data.train, tokenizer, 64)

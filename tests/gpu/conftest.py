@@ -1,7 +1,7 @@
 """GPU tier set-up: one Ray instance whose roles all share ONE physical GPU, the synthetic data, the results file.
 
-Sharing one GPU is config: the engine takes `generator.gpus_per_engine` (a fraction), the learner
-`learner.gpus_per_rank`, the reference `reference.gpus_per_actor`, so Ray gives every actor the same GPU. NCCL
+Sharing one GPU is config: the engine takes `generator.placement.gpus` (a fraction), the learner
+`learner.placement.gpus`, the reference `reference.placement.gpus`, so Ray gives every actor the same GPU. NCCL
 refuses two ranks of one group on one GPU ("Duplicate GPU detected"), so the engine actor gets an NCCL host id
 of its own (`generator.env_vars`, see test_gpu_tier.grpo_config): NCCL then treats learner and engine as two
 hosts and moves the bytes through its socket transport (`NCCL_NET=Socket`), see docs/gpu.md.

@@ -22,7 +22,7 @@ from rlhf_ray.stages.rm import run_rm
 from .conftest import TOKENS, label_config
 
 pytestmark = pytest.mark.ray
-GENERATOR = ["generator.cpu_kv_cache_gib=0.125", "generator.max_new_tokens=6", "generator.cpus_per_engine=1"]
+GENERATOR = ["generator.cpu_kv_cache_gib=0.125", "generator.max_new_tokens=6", "generator.placement.cpus=1"]
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -16,17 +16,18 @@ import pytest
 import ray
 import torch
 
-from rlhf_ray.config import GeneratorConfig, ModelConfig
-from rlhf_ray.data.collate import pad_sequences
+from rlhf_ray.algorithms.masked import pad_sequences
+from rlhf_ray.config import GeneratorConfig, ModelConfig, PlacementConfig
 from rlhf_ray.data.loading import Record
 from rlhf_ray.data.prompts import load_prompts
 from rlhf_ray.data.sft import Conversation, encode, tokenize_conversation
 from rlhf_ray.models.chat import end_of_turn_ids
 from rlhf_ray.models.loading import load_tokenizer
 from rlhf_ray.models.tiny import resolve_model_path
+from rlhf_ray.roles.generator import Sampling
 from rlhf_ray.rollout.schema import ROLLOUT_SCHEMA
 
-CFG = GeneratorConfig(num_engines=1, cpu_kv_cache_gib=0.125, cpus_per_engine=1.0)
+CFG = GeneratorConfig(num_engines=1, cpu_kv_cache_gib=0.125, placement=PlacementConfig(cpus=1.0))
 CONTENTS = ["hello", "abc", "reverse xyz", "sort the letters dcba"]
 TOL = 1e-5
 
@@ -84,7 +85,7 @@ def max_logprob_gap(table: pa.Table, model) -> float:
 
 
 def rollouts(generators, prompts: pa.Table, **kwargs) -> pa.Table:
-    table = pa.concat_tables(ray.get(generators.generate(ray.put(prompts), list(range(prompts.num_rows)), **kwargs)))
+    table = pa.concat_tables(ray.get(generators.generate(ray.put(prompts), list(range(prompts.num_rows)), Sampling(**kwargs))))
     assert table.schema == ROLLOUT_SCHEMA
     return table
 

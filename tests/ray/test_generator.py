@@ -18,10 +18,11 @@ import pytest
 import ray
 import torch
 
-from rlhf_ray.config import GeneratorConfig
+from rlhf_ray.config import GeneratorConfig, PlacementConfig
+from rlhf_ray.roles.generator import Sampling
 from rlhf_ray.rollout.schema import PROMPT_SCHEMA, ROLLOUT_SCHEMA
 
-CFG = GeneratorConfig(num_engines=1, cpu_kv_cache_gib=0.125, cpus_per_engine=1.0)
+CFG = GeneratorConfig(num_engines=1, cpu_kv_cache_gib=0.125, placement=PlacementConfig(cpus=1.0))
 CONTENTS = ["hello", "abc", "reverse xyz", "sort the letters dcba"]
 TOL = 1e-5
 # Ray workers cannot import this test module by name: ship its classes (WeightSender) by value.
@@ -130,7 +131,7 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos: int) -> li
 
 
 def rollouts(generators, prompts_ref, rows, **kwargs) -> pa.Table:
-    refs = generators.generate(prompts_ref, rows, **kwargs)
+    refs = generators.generate(prompts_ref, rows, Sampling(**kwargs))
     assert all(isinstance(r, ray.ObjectRef) for r in refs)
     return pa.concat_tables(ray.get(refs))
 
@@ -189,7 +190,7 @@ def test_generate_matches_transformers(generators, prompts_ref, prompts, tiny_to
     short = rollouts(generators, prompts_ref, [1, 3], n=2, temperature=1.0, top_p=1.0, max_new_tokens=1, seed=1)
     assert all(len(ids) == 1 for ids in short.column("response_ids").to_pylist())
     assert_matches_transformers(short, model)
-    assert generators.generate(prompts_ref, [], n=1, temperature=0.0, top_p=1.0, max_new_tokens=1) == []
+    assert generators.generate(prompts_ref, [], Sampling(n=1, temperature=0.0, top_p=1.0, max_new_tokens=1)) == []
 
     # Before any sync, the checksum is that of the checkpoint the engine started from.
     from rlhf_ray.distributed.weight_sync import checksum

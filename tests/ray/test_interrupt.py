@@ -92,7 +92,7 @@ def rlhf_config(data: dict[str, Path], out: Path, name: str, resume: str):
 
     return load_config(RLHFConfig, Path("configs/tiny-cpu/rlhf.yaml"), [
         "policy.path=tiny:tiny", f"data.train={data['train']}", f"data.eval={data['eval']}",
-        "data.max_eval_prompts=4", f"run.output_dir={out}", f"run.name={name}", f"run.resume={resume}",
+        "eval.num_generate=4", f"run.output_dir={out}", f"run.name={name}", f"run.resume={resume}",
         "reward.functions=[{path: 'rlhf_ray.rewards.tasks:task_score'}]", "algorithm.advantage=grpo",
         "algorithm.prompts_per_step=4", "generator.samples_per_prompt=2", "generator.max_new_tokens=6",
         "generator.cpu_kv_cache_gib=0.125", "learner.micro_batch_size=4", "learner.lr=1e-3", "run.max_steps=4",

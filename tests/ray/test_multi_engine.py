@@ -15,7 +15,13 @@ import pyarrow as pa
 import pytest
 import ray
 
-from rlhf_ray.config import GeneratorConfig, LearnerConfig, ModelConfig, SyncConfig
+from rlhf_ray.config import (
+    GeneratorConfig,
+    LearnerConfig,
+    ModelConfig,
+    PlacementConfig,
+    SyncConfig,
+)
 
 CONTENTS = ["hello", "abc", "reverse xyz", "sort the letters dcba", "add 12 and 30", "reverse planet"]
 GAP = 1e-4  # fp32; vLLM and transformers agree to a few 1e-6 on this model
@@ -37,10 +43,11 @@ def learners(ray_cluster, tiny_model_path):
     from rlhf_ray.distributed.runtime import worker_env_vars
     from rlhf_ray.models.tiny import resolve_model_path
     from rlhf_ray.roles.learner import LearnerGroup
+    from rlhf_ray.roles.objectives import PolicyObjective
 
     resolve_model_path("tiny:tiny@1")  # built once here, not by both ranks at the same time
     group = LearnerGroup(ModelConfig(path="tiny:tiny@1"), LearnerConfig(num_ranks=2, zero_stage=3, micro_batch_size=4),
-                         "policy", 1, 0, "cpu", runtime_env={"env_vars": worker_env_vars("cpu")}, name="sync-learner")
+                         PolicyObjective(), 1, 0, "cpu", runtime_env={"env_vars": worker_env_vars("cpu")}, name="sync-learner")
     yield group
     group.shutdown()
 
@@ -53,8 +60,10 @@ def engines(cfg: GeneratorConfig):
 
 def largest_gap(generators, learners, prompts_ref) -> float:
     """Sample from every engine; the largest |vLLM logprob - learner logprob| over every response token."""
-    refs = generators.generate(prompts_ref, list(range(len(CONTENTS))), n=2, temperature=1.0, top_p=1.0,
-                               max_new_tokens=6, seed=3)
+    from rlhf_ray.roles.generator import Sampling
+
+    refs = generators.generate(prompts_ref, list(range(len(CONTENTS))),
+                               Sampling(n=2, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=3))
     assert len(refs) == len(generators.actors)  # every engine answered a shard
     table = pa.concat_tables(ray.get(refs))
     by_row = {}
@@ -70,7 +79,7 @@ def test_two_engines_sync_checksum_and_logprob_gap(learners, prompts_ref):
     from rlhf_ray.distributed.weight_sync import WeightSyncError
     from rlhf_ray.distributed.weight_transfer import WeightSync
 
-    generators = engines(GeneratorConfig(num_engines=2, cpu_kv_cache_gib=0.125, cpus_per_engine=1.0))
+    generators = engines(GeneratorConfig(num_engines=2, cpu_kv_cache_gib=0.125, placement=PlacementConfig(cpus=1.0)))
     try:
         sync = WeightSync(SyncConfig(bucket_mb=1, verify="every"), learners, generators)
         assert generators.sync_world_size == 3  # learner rank 0 + one worker per engine
@@ -108,7 +117,7 @@ def test_tensor_parallel_engine_syncs_every_worker(learners, prompts_ref):
     from rlhf_ray.distributed.weight_transfer import WeightSync
 
     generators = engines(GeneratorConfig(num_engines=1, tensor_parallel_size=2, cpu_kv_cache_gib=0.125,
-                                         cpus_per_engine=2.0))
+                                         placement=PlacementConfig(cpus=2.0)))
     try:
         assert generators.info[0]["tensor_parallel_size"] == 2
         sync = WeightSync(SyncConfig(bucket_mb=1, verify="every"), learners, generators)

@@ -50,7 +50,7 @@ def pipeline_config(family: str, data: dict[str, Path], out: Path) -> PipelineCo
         f"rm.model.path=tiny:{family}", f"rm.data.train={data['pairwise_train']}",
         f"rm.data.eval={data['pairwise_eval']}", "rm.run.max_steps=120", f"rm.run.output_dir={out}",
         "rm.eval.num_print=0",
-        f"rlhf.data.train={data['train']}", f"rlhf.data.eval={data['eval']}", "rlhf.data.max_eval_prompts=64",
+        f"rlhf.data.train={data['train']}", f"rlhf.data.eval={data['eval']}", "rlhf.eval.num_generate=64",
         f"rlhf.generator.max_new_tokens={MAX_NEW_TOKENS}", "rlhf.run.max_steps=8", "rlhf.run.eval_every=0",
         "rlhf.run.log_every=1",
         "rlhf.run.save_every=0", "rlhf.run.save_rollouts_every=0", f"rlhf.run.output_dir={out}",
@@ -85,7 +85,7 @@ def test_pipeline_and_label_generation_on_a_chat_family(family, data, tmp_path):
     prompts = write_jsonl(make_rows(["sort"], 4, seed=9), tmp_path / "label-prompts.jsonl")
     cfg = label_config(tmp_path / "labels", "mode=pairwise", f"model={results['sft'].model_dir}",
                        f"prompts={prompts}", "generator.cpu_kv_cache_gib=0.125",
-                       f"generator.max_new_tokens={MAX_NEW_TOKENS}", "generator.cpus_per_engine=1")
+                       f"generator.max_new_tokens={MAX_NEW_TOKENS}", "generator.placement.cpus=1")
     load_items(cfg)
     rows = [json.loads(line) for line in (tmp_path / "labels" / "candidates.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["responses"] for r in rows)

@@ -33,20 +33,21 @@ def experience(tokenizer, old: list[list[float]] | None = None) -> pa.Table:
     ids = pa.list_(pa.int32())
     return pa.table({"prompt_ids": pa.array(prompts, ids), "response_ids": pa.array(responses, ids),
                      "old_logprobs": pa.array(old or [[0.0] * n for n in lengths], floats),
-                     "advantages": pa.array(advantages, floats), "ref_logprobs": pa.array(ref, floats)})
+                     "advantages": pa.array(advantages, floats), "ref_logprobs": pa.array(ref, floats),
+                     "kl_coef": pa.array([KL_COEF] * len(lengths), pa.float64())})
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
 def learners(request, ray_cluster, tiny_model_path):
     from rlhf_ray.distributed.runtime import worker_env_vars
     from rlhf_ray.roles.learner import LearnerGroup
+    from rlhf_ray.roles.objectives import PolicyObjective
 
     # lr so small that the first step leaves the weights (and so the logprobs) as they were.
     cfg = LearnerConfig(num_ranks=2, zero_stage=request.param, micro_batch_size=2, grad_accum=2, lr=1e-12,
                         lr_schedule="constant")
-    group = LearnerGroup(ModelConfig(path="tiny:tiny"), cfg, "policy", 4, 0, "cpu",
-                         runtime_env={"env_vars": worker_env_vars("cpu")}, name=f"policy-z{request.param}",
-                         objective_options=OPTIONS)
+    group = LearnerGroup(ModelConfig(path="tiny:tiny"), cfg, PolicyObjective(**OPTIONS), 4, 0, "cpu",
+                         runtime_env={"env_vars": worker_env_vars("cpu")}, name=f"policy-z{request.param}")
     yield group
     group.shutdown()
 
@@ -62,7 +63,7 @@ def test_policy_step_matches_hand_values(learners, tiny_tokenizer):
     old = current_logprobs(learners, experience(tiny_tokenizer))
     table = experience(tiny_tokenizer, old)
     shards = [[0, 2, 4, 6], [1, 3, 5, 7]]
-    metrics = learners.train_step(ray.put(table), shards, kl_coef=KL_COEF)
+    metrics = learners.train_step(ray.put(table), shards)
     assert metrics["approx_kl"] == pytest.approx(0.0, abs=1e-6)  # training forward == pi_old forward
     assert metrics["clip_fraction"] == 0.0
     advantages, ref = table.column("advantages").to_pylist(), table.column("ref_logprobs").to_pylist()
@@ -74,6 +75,6 @@ def test_policy_step_matches_hand_values(learners, tiny_tokenizer):
     assert metrics["kl_loss"] == pytest.approx(kl_tokens, abs=1e-5)  # a token mean, not per sequence
 
     moved = experience(tiny_tokenizer, [[x - 1.0 for x in row] for row in current_logprobs(learners, table)])
-    metrics = learners.train_step(ray.put(moved), shards, kl_coef=KL_COEF)
+    metrics = learners.train_step(ray.put(moved), shards)
     positive = sum(x > 0 for row in advantages for x in row)
     assert metrics["clip_fraction"] == pytest.approx(positive / tokens) and 0 < metrics["clip_fraction"] <= 1

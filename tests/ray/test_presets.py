@@ -51,9 +51,9 @@ def reward_model(tmp_path_factory) -> Path:
 def shrunk(data: dict[str, Path], out: Path) -> list[str]:
     """Device and paths: what every preset needs changed to run here."""
     return ["learner.device=cpu", f"data.train={data['prompts']}", f"run.output_dir={out}", "run.max_steps=2",
-            "generator.max_new_tokens=12", "generator.num_engines=1", "generator.cpus_per_engine=1",
-            "generator.tensor_parallel_size=1", "reference.cpus_per_actor=0.5", "reward.cpus_per_actor=0.5",
-            "learner.cpus_per_rank=1"]
+            "generator.max_new_tokens=12", "generator.num_engines=1", "generator.placement.cpus=1",
+            "generator.tensor_parallel_size=1", "reference.placement.cpus=0.5", "reward.placement.cpus=0.5",
+            "learner.placement.cpus=1"]
 
 
 def assert_ran(run_dir: Path, steps: int = 2) -> list[dict]:
@@ -70,7 +70,7 @@ def test_rlhf_8gpu_preset_shrunk(user_data, reward_model, tmp_path):
     cfg = load_config(RLHFConfig, GPU / "rlhf-8gpu.yaml", [
         *shrunk(user_data, tmp_path), "policy.path=tiny:llama", f"data.eval={user_data['prompts_eval']}",
         f"reward.model={reward_model}", "algorithm.prompts_per_step=8", "learner.num_ranks=2",
-        "learner.micro_batch_size=4", "critic.learner.cpus_per_rank=1", "reference.micro_batch_size=8"])
+        "learner.micro_batch_size=4", "critic.learner.placement.cpus=1", "reference.micro_batch_size=8"])
     assert cfg.algorithm.advantage == "gae" and cfg.reward.functions == ()
     result = run_rlhf(cfg)
     train = assert_ran(result.run_dir)
@@ -85,7 +85,7 @@ def test_rlhf_2node_preset_shrunk(user_data, reward_model, tmp_path):
         f"reward.model={reward_model}", "algorithm.prompts_per_step=4", "learner.num_ranks=2",
         "learner.micro_batch_size=4"])
     assert cfg.learner.zero_stage == 3 and cfg.algorithm.kl_in == "loss"
-    assert cfg.generator.resources_per_engine == {"rollout_node": 1.0}
+    assert cfg.generator.placement.resources == {"rollout_node": 1.0}
     assert_ran(run_rlhf(cfg).run_dir)
 
 
@@ -95,11 +95,11 @@ def test_pipeline_preset_shrunk(user_data, tmp_path):
                  "sft.eval.num_generate=4", f"rm.data.train={user_data['preferences']}", "rm.data.max_length=256"]
     for stage in ("sft", "rm"):
         overrides += [f"{stage}.model.path=tiny:tiny", f"{stage}.learner.device=cpu", f"{stage}.learner.num_ranks=2",
-                      f"{stage}.learner.cpus_per_rank=1", f"{stage}.run.output_dir={tmp_path}",
+                      f"{stage}.learner.placement.cpus=1", f"{stage}.run.output_dir={tmp_path}",
                       f"{stage}.run.max_steps=2", f"{stage}.data.eval_fraction=0.2"]
     overrides += [f"rlhf.{o}" for o in shrunk(user_data, tmp_path)]
     overrides += ["rlhf.algorithm.prompts_per_step=8", "rlhf.learner.num_ranks=2", "rlhf.learner.micro_batch_size=4",
-                  "rlhf.critic.learner.cpus_per_rank=1"]
+                  "rlhf.critic.learner.placement.cpus=1"]
     cfg = load_config(PipelineConfig, GPU / "pipeline.yaml", overrides)
     assert cfg.rlhf.data.eval is None and cfg.rlhf.reward.functions == () and cfg.rm_from_sft
     results = run_pipeline(cfg)

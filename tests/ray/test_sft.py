@@ -104,7 +104,7 @@ def test_rank_and_accumulation_split_give_the_same_losses(ray_cluster, reverse_d
               "eval.num_generate=0", "eval.at_start=false"]
     two_ranks = run_sft(sft_config(reverse_data, tmp_path, "ranks", *common, "learner.num_ranks=2"))
     accumulated = run_sft(sft_config(reverse_data, tmp_path, "accum", *common, "learner.num_ranks=1",
-                                     "learner.grad_accum=2", "learner.cpus_per_rank=2"))
+                                     "learner.grad_accum=2", "learner.placement.cpus=2"))
     a, b = train_losses(two_ranks.run_dir), train_losses(accumulated.run_dir)
     assert a.keys() == b.keys() == {1, 2, 3, 4}
     assert a[4] != a[1]  # the parameters did move between steps

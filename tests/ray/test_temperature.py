@@ -15,10 +15,11 @@ import pytest
 import ray
 import torch
 
-from rlhf_ray.config import GeneratorConfig, ModelConfig
+from rlhf_ray.config import GeneratorConfig, ModelConfig, PlacementConfig
+from rlhf_ray.roles.generator import Sampling
 from rlhf_ray.rollout.schema import PROMPT_SCHEMA
 
-CFG = GeneratorConfig(num_engines=1, cpu_kv_cache_gib=0.125, cpus_per_engine=1.0)
+CFG = GeneratorConfig(num_engines=1, cpu_kv_cache_gib=0.125, placement=PlacementConfig(cpus=1.0))
 CONTENTS = ["hello", "abc", "reverse xyz", "sort the letters dcba"]
 TOL = 1e-5
 TEMPERATURE = 0.7
@@ -78,8 +79,8 @@ def largest_gap(table: pa.Table, scored: list[list[float]]) -> float:
 
 def test_sampled_logprobs_are_tempered_on_every_side(generators, prompts_ref, policy):
     rows, n = list(range(len(CONTENTS))), 3
-    table = pa.concat_tables(ray.get(generators.generate(prompts_ref, rows, n=n, temperature=TEMPERATURE,
-                                                          top_p=1.0, max_new_tokens=8, seed=11)))
+    table = pa.concat_tables(ray.get(generators.generate(prompts_ref, rows, Sampling(
+        n=n, temperature=TEMPERATURE, top_p=1.0, max_new_tokens=8, seed=11))))
     assert table.num_rows == len(rows) * n and sum(len(r) for r in table.column("response_ids").to_pylist()) > 20
     learner_gap = largest_gap(table, learner_logprobs(policy, table, TEMPERATURE))
     reference_gap = largest_gap(table, reference_logprobs(policy, table, TEMPERATURE))
@@ -94,7 +95,7 @@ def test_sampled_logprobs_are_tempered_on_every_side(generators, prompts_ref, po
 def test_greedy_logprobs_are_scored_at_temperature_one(generators, prompts_ref, policy):
     from rlhf_ray.algorithms.logprobs import scoring_temperature
 
-    table = pa.concat_tables(ray.get(generators.generate(prompts_ref, [0, 1, 2, 3], n=1, temperature=0.0,
-                                                          top_p=1.0, max_new_tokens=8)))
+    table = pa.concat_tables(ray.get(generators.generate(prompts_ref, [0, 1, 2, 3], Sampling(
+        n=1, temperature=0.0, top_p=1.0, max_new_tokens=8))))
     assert largest_gap(table, learner_logprobs(policy, table, scoring_temperature(0.0))) <= TOL
     assert largest_gap(table, reference_logprobs(policy, table, scoring_temperature(0.0))) <= TOL

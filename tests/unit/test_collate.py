@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from rlhf_ray.algorithms.losses import next_token_logprobs, sft_loss
+from rlhf_ray.algorithms.masked import pad_sequences
 from rlhf_ray.data.collate import (
     RLBatch,
     TokenBatch,
     collate_rl,
     collate_sft,
-    pad_sequences,
 )
 
 PAD = 9
@@ -131,10 +131,10 @@ def test_collate_rl_sequences_and_masks():
 
 def test_collate_rl_fields_are_padded_to_the_response_width():
     batch = collate_rl(rl_table(), [1, 2, 0], PAD, ("advantages", "old_logprobs"))
-    assert set(batch.fields) == {"advantages", "old_logprobs"}
-    assert torch.equal(batch.fields["advantages"], torch.tensor([[11.0, 12, 13, 14], [0, 0, 0, 0], [1, 2, 0, 0]]))
-    assert torch.equal(batch.fields["old_logprobs"], -0.5 * batch.mask)
-    assert collate_rl(rl_table(), [0], PAD).fields == {}
+    assert set(batch.present()) == {"advantages", "old_logprobs"}
+    assert torch.equal(batch.advantages, torch.tensor([[11.0, 12, 13, 14], [0, 0, 0, 0], [1, 2, 0, 0]]))
+    assert torch.equal(batch.old_logprobs, -0.5 * batch.mask)
+    assert collate_rl(rl_table(), [0], PAD).present() == ()
 
 
 def test_collate_rl_response_index_points_at_the_logits_that_predict_each_response_token():
@@ -157,14 +157,14 @@ def test_collate_rl_with_no_rows_is_a_masked_dummy():
     assert isinstance(batch, RLBatch)
     assert torch.equal(batch.input_ids, torch.full((1, 2), PAD))
     assert torch.equal(batch.mask, torch.zeros(1, 1))
-    assert {k: v.shape for k, v in batch.fields.items()} == {"advantages": (1, 1), "old_logprobs": (1, 1)}
+    assert {k: getattr(batch, k).shape for k in batch.present()} == {"advantages": (1, 1), "old_logprobs": (1, 1)}
     gathered = next_token_logprobs(torch.randn(1, 2, 11), batch.input_ids).gather(1, batch.response_index)
     assert gathered.shape == (1, 1)
 
 
 def test_collate_rl_of_only_empty_responses_keeps_one_column():
     batch = collate_rl(rl_table(), [2], PAD, ("advantages",))
-    assert batch.mask.shape == batch.response_index.shape == batch.fields["advantages"].shape == (1, 1)
+    assert batch.mask.shape == batch.response_index.shape == batch.advantages.shape == (1, 1)
     assert batch.mask.sum() == 0
 
 
@@ -172,4 +172,4 @@ def test_rl_batch_to_keeps_values():
     batch = collate_rl(rl_table(), [0, 1], PAD, ("advantages",))
     moved = batch.to("cpu")
     assert torch.equal(moved.response_index, batch.response_index)
-    assert torch.equal(moved.fields["advantages"], batch.fields["advantages"])
+    assert torch.equal(moved.advantages, batch.advantages)

@@ -66,7 +66,7 @@ def test_round_trip_of_every_non_default_value(tmp_path):
     cfg = sft("model.tokenizer=tok", "model.dtype=bfloat16", "model.trust_remote_code=true",
               "data.eval_fraction=0.25", "data.format=messages", "data.overlong=drop",
               "learner.zero_stage=3", "learner.offload_optimizer=true", "learner.adam_betas=[0.5,0.75]",
-              "learner.weight_decay=0.1", "learner.lr_schedule=linear", "learner.placement_strategy=SPREAD",
+              "learner.weight_decay=0.1", "learner.lr_schedule=linear", "learner.placement.strategy=SPREAD",
               "run.resume=never", "run.ray_address=auto", "run.epochs=2.5", "eval.at_start=false")
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(SFTConfig, tmp_path / "c.yaml") == cfg
@@ -210,7 +210,7 @@ def test_seed_that_numpy_cannot_take_is_rejected():
     ("learner.lr_schedule=step", "learner.lr_schedule", ("'constant'", "'linear'", "'cosine'")),
     ("model.dtype=fp32", "model.dtype", ("'auto'", "'float32'", "'bfloat16'", "'float16'")),
     ("data.format=alpaca", "data.format", ("'auto'", "'instruction'", "'messages'")),
-    ("learner.placement_strategy=pack", "learner.placement_strategy", ("'PACK'", "'STRICT_SPREAD'")),
+    ("learner.placement.strategy=pack", "learner.placement.strategy", ("'PACK'", "'STRICT_SPREAD'")),
 ])
 def test_bad_choice_lists_valid_choices(override, key, choices):
     msg = raises(override)

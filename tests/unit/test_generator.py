@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from rlhf_ray.config import GeneratorConfig
-from rlhf_ray.roles.generator import generator_env_vars, shard_rows
+from rlhf_ray.config import GeneratorConfig, PlacementConfig
+from rlhf_ray.distributed.worker_group import shard_rows
+from rlhf_ray.roles.generator import generator_env_vars
 
 
 def test_shard_rows_is_contiguous_balanced_and_complete():
@@ -16,7 +17,7 @@ def test_shard_rows_is_contiguous_balanced_and_complete():
 
 
 def test_generator_env_vars():
-    env = generator_env_vars(GeneratorConfig(in_process=True, cpus_per_engine=2.0), "cpu")
+    env = generator_env_vars(GeneratorConfig(in_process=True, placement=PlacementConfig(cpus=2.0)), "cpu")
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and env["OMP_NUM_THREADS"] == "2"
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind" and env["DS_ACCELERATOR"] == "cpu"
     gpu = generator_env_vars(GeneratorConfig(in_process=False), "cuda")

@@ -89,13 +89,13 @@ def _rlhf(*overrides: str) -> RLHFConfig:
 
 
 def test_a_model_holding_scorer_needs_a_gpu_share_on_cuda():
-    with pytest.raises(ConfigError, match=r"reference\.gpus_per_actor=0 on a CUDA run"):
+    with pytest.raises(ConfigError, match=r"reference\.placement.gpus=0 on a CUDA run"):
         check_gpu_shares(_rlhf(), "cuda")
     check_gpu_shares(_rlhf(), "cpu")  # on CPU nothing is reserved or needed
-    check_gpu_shares(_rlhf("reference.gpus_per_actor=0.25"), "cuda")  # rule rewards hold no model
-    with pytest.raises(ConfigError, match=r"reward\.gpus_per_actor=0 on a CUDA run"):
-        check_gpu_shares(_rlhf("reference.gpus_per_actor=0.25", "reward.model=rm"), "cuda")
-    check_gpu_shares(_rlhf("reference.gpus_per_actor=0.25", "reward.model=rm", "reward.gpus_per_actor=0.25"),
+    check_gpu_shares(_rlhf("reference.placement.gpus=0.25"), "cuda")  # rule rewards hold no model
+    with pytest.raises(ConfigError, match=r"reward\.placement.gpus=0 on a CUDA run"):
+        check_gpu_shares(_rlhf("reference.placement.gpus=0.25", "reward.model=rm"), "cuda")
+    check_gpu_shares(_rlhf("reference.placement.gpus=0.25", "reward.model=rm", "reward.placement.gpus=0.25"),
                      "cuda")
 
 
@@ -107,13 +107,13 @@ def test_gpu_presets_give_scorers_their_own_gpu_share(path):
 
 
 def test_an_engine_may_take_a_fraction_of_one_gpu_only_without_tensor_parallelism():
-    cfg = _rlhf("generator.gpus_per_engine=0.5", "reference.gpus_per_actor=0.1", "learner.gpus_per_rank=0.4",
+    cfg = _rlhf("generator.placement.gpus=0.5", "reference.placement.gpus=0.1", "learner.placement.gpus=0.4",
                 "algorithm.advantage=grpo")  # no critic
     assert role_specs(cfg, "cuda")["generators"].bundles()[0]["GPU"] == 0.5
     assert pack_bundles(list(role_specs(cfg, "cuda").values()), [{"GPU": 1, "CPU": 8}]) == []
     assert _rlhf("generator.tensor_parallel_size=2").generator.engine_gpus == 2.0
-    with pytest.raises(ConfigError, match=r"generator\.gpus_per_engine=0\.5: an engine with tensor_parallel_size=2"):
-        _rlhf("generator.tensor_parallel_size=2", "generator.gpus_per_engine=0.5")
+    with pytest.raises(ConfigError, match=r"generator\.placement.gpus=0\.5: an engine with tensor_parallel_size=2"):
+        _rlhf("generator.tensor_parallel_size=2", "generator.placement.gpus=0.5")
 
 
 def test_engine_env_vars_reach_the_engine_environment():
@@ -126,11 +126,11 @@ def test_engine_env_vars_reach_the_engine_environment():
 
 
 def test_ranks_of_one_deepspeed_job_cannot_share_a_gpu():
-    shares = ("reference.gpus_per_actor=0.25", "algorithm.advantage=grpo")
-    with pytest.raises(ConfigError, match=r"learner\.gpus_per_rank=0\.5 with learner\.num_ranks=2"):
-        check_gpu_shares(_rlhf(*shares, "learner.num_ranks=2", "learner.gpus_per_rank=0.5",
+    shares = ("reference.placement.gpus=0.25", "algorithm.advantage=grpo")
+    with pytest.raises(ConfigError, match=r"learner\.placement.gpus=0\.5 with learner\.num_ranks=2"):
+        check_gpu_shares(_rlhf(*shares, "learner.num_ranks=2", "learner.placement.gpus=0.5",
                                "learner.micro_batch_size=4"), "cuda")
-    check_gpu_shares(_rlhf(*shares, "learner.num_ranks=1", "learner.gpus_per_rank=0.5"), "cuda")
-    with pytest.raises(ConfigError, match=r"critic\.learner\.gpus_per_rank=0\.5"):
-        check_gpu_shares(_rlhf("reference.gpus_per_actor=0.25", "critic.learner.num_ranks=2",
-                               "critic.learner.gpus_per_rank=0.5", "critic.learner.micro_batch_size=4"), "cuda")
+    check_gpu_shares(_rlhf(*shares, "learner.num_ranks=1", "learner.placement.gpus=0.5"), "cuda")
+    with pytest.raises(ConfigError, match=r"critic\.learner\.placement.gpus=0\.5"):
+        check_gpu_shares(_rlhf("reference.placement.gpus=0.25", "critic.learner.num_ranks=2",
+                               "critic.learner.placement.gpus=0.5", "critic.learner.micro_batch_size=4"), "cuda")

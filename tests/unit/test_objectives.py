@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pyarrow as pa
 import pytest
 import torch
 
-from rlhf_ray.roles.objectives import PolicyObjective, ValueObjective, accumulate, step_metrics
+from rlhf_ray.roles.objectives import (
+    PolicyObjective,
+    ValueObjective,
+    accumulate,
+    step_metrics,
+)
 
 PAD, VOCAB = 0, 13
 PROMPTS = [[1, 2, 3], [4, 5], [6, 7], [8]]
@@ -121,18 +127,18 @@ def test_kl_in_loss_adds_kl_coef_times_kl(model, batch):
     base = PolicyObjective().loss(model, batch).loss_sum.item()
     logp, _ = direct(model)
     kl = sum(p - r for p, r in zip(real_tokens(logp), real_tokens(REF)))  # k1
-    out = PolicyObjective(kl_in_loss=True, kl_estimator="k1").loss(model, batch, kl_coef=0.3)
+    out = PolicyObjective(kl_in_loss=True, kl_estimator="k1").loss(model, replace(batch, kl_coef=0.3))
     assert out.token_stats["kl_loss"].item() == pytest.approx(kl, abs=1e-5)
     assert out.loss_sum.item() == pytest.approx(base + 0.3 * kl, abs=1e-5)
     # The coefficient is ignored when the KL is in the reward.
-    assert PolicyObjective().loss(model, batch, kl_coef=0.3).loss_sum.item() == pytest.approx(base, abs=1e-6)
+    assert PolicyObjective().loss(model, replace(batch, kl_coef=0.3)).loss_sum.item() == pytest.approx(base, abs=1e-6)
 
 
 def test_kl_in_loss_with_k3(model, batch):
     logp, _ = direct(model)
     log_r = torch.tensor(real_tokens(REF)) - torch.tensor(real_tokens(logp))
     kl = (log_r.exp() - log_r - 1).sum().item()
-    out = PolicyObjective(kl_in_loss=True, kl_estimator="k3").loss(model, batch, kl_coef=1.0)
+    out = PolicyObjective(kl_in_loss=True, kl_estimator="k3").loss(model, replace(batch, kl_coef=1.0))
     assert out.token_stats["kl_loss"].item() == pytest.approx(kl, abs=1e-5)
 
 
@@ -202,7 +208,7 @@ def test_value_loss_against_hand_values(critic, clip):
 
 def test_value_micro_batch_without_returns_has_no_fields():
     table = experience(old=[[0.0] * len(r) for r in RESPONSES])
-    assert ValueObjective().micro_batch(table, ROWS, PAD).fields == {}
+    assert ValueObjective().micro_batch(table, ROWS, PAD).present() == ()
 
 
 # -- normalisation of the step metrics, temperature ---------------------------------------------------------------
@@ -211,7 +217,7 @@ def test_sequence_aggregation_weighs_the_kl_term_like_the_policy_term(model, bat
     base = PolicyObjective(aggregation="sequence").loss(model, batch).loss_sum.item()
     logp, _ = direct(model)
     per_response = [sum(p - r for p, r in zip(lp, rf)) / len(lp) for lp, rf in zip(logp, REF) if lp]  # k1 means
-    out = PolicyObjective(aggregation="sequence", kl_in_loss=True).loss(model, batch, kl_coef=0.3)
+    out = PolicyObjective(aggregation="sequence", kl_in_loss=True).loss(model, replace(batch, kl_coef=0.3))
     assert out.loss_sum.item() == pytest.approx(base + 0.3 * sum(per_response), abs=1e-5)
     assert out.count.item() == 3
     # The logged kl_loss is a token statistic either way: Σ over tokens, divided by the token count.
@@ -228,7 +234,7 @@ def test_token_statistics_divide_by_tokens_and_clip_fraction_stays_at_most_one(m
     totals: dict[str, float] = {}
     for rows in ([0, 1], [2, 3]):  # two micro-batches, summed as the learner does (one rank)
         mb = objective.micro_batch(moved, rows, PAD)
-        accumulate(totals, objective.loss(model, mb, kl_coef=0.1))
+        accumulate(totals, objective.loss(model, replace(mb, kl_coef=0.1)))
     count = sum(objective.count(objective.micro_batch(moved, rows, PAD)) for rows in ([0, 1], [2, 3]))
     metrics = step_metrics(totals, count)
     assert count == 3 and totals["token_count"] == 6

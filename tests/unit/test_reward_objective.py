@@ -13,9 +13,11 @@ import pyarrow as pa
 import pytest
 import torch
 
+from rlhf_ray.config import RewardLossConfig, RMConfig
+from rlhf_ray.config_loader import ConfigError, load_config
 from rlhf_ray.data.collate import PreferenceBatch, collate_preferences
 from rlhf_ray.data.preference import PREFERENCE_SCHEMA
-from rlhf_ray.roles.objectives import LossOutput, RewardObjective, make_objective
+from rlhf_ray.roles.objectives import LossOutput, RewardObjective
 
 PAD = 0
 W = 0.5  # the stand-in's weight
@@ -191,8 +193,8 @@ def test_reward_objective_rejects_an_unknown_ranking_loss():
         RewardObjective("listnet")
 
 
-def test_make_objective_passes_the_ranking_loss_and_rejects_unknown_names():
-    objective = make_objective("reward", ranking_loss="plackett_luce")
+def test_objective_from_config_passes_the_ranking_loss_and_the_config_rejects_unknown_names():
+    objective = RewardObjective.of(RewardLossConfig(ranking_loss="plackett_luce"))
     assert isinstance(objective, RewardObjective) and objective.ranking_loss == "plackett_luce"
-    with pytest.raises(ValueError, match=r"'ppo'.*sft, reward"):
-        make_objective("ppo")
+    with pytest.raises(ConfigError, match=r"loss.ranking_loss.*'pairwise', 'plackett_luce'.*'ppo'"):
+        load_config(RMConfig, None, ["data.train=x.jsonl", "loss.ranking_loss=ppo"])

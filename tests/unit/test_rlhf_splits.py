@@ -30,9 +30,9 @@ def test_without_eval_a_seeded_share_is_held_out_and_never_trained_on(tmp_path, 
     assert other.column("prompt_text").to_pylist() != held_texts
 
 
-def test_max_eval_prompts_caps_the_held_out_share(tmp_path, tiny_tokenizer):
+def test_eval_num_generate_caps_the_held_out_share(tmp_path, tiny_tokenizer):
     path = write_jsonl([{"prompt": f"q{i}"} for i in range(100)], tmp_path / "p.jsonl")
-    train, held, _ = load_prompt_splits(config(path, "data.eval_fraction=0.5", "data.max_eval_prompts=8"),
+    train, held, _ = load_prompt_splits(config(path, "data.eval_fraction=0.5", "eval.num_generate=8"),
                                         tiny_tokenizer)
     assert (train.num_rows, held.num_rows) == (92, 8)
 
@@ -48,3 +48,9 @@ def test_one_prompt_and_no_eval_file_is_an_error_naming_the_key(tmp_path, tiny_t
     path = write_jsonl([{"prompt": "only"}], tmp_path / "p.jsonl")
     with pytest.raises(ConfigError, match="give data.eval"):
         load_prompt_splits(config(path), tiny_tokenizer)
+
+
+def test_rlhf_needs_at_least_one_held_out_prompt(tmp_path, tiny_tokenizer):
+    path = write_jsonl([{"prompt": f"q{i}"} for i in range(20)], tmp_path / "p.jsonl")
+    with pytest.raises(ConfigError, match="eval.num_generate: RLHF evaluates on held-out prompts; must be >= 1"):
+        load_prompt_splits(config(path, "eval.num_generate=0"), tiny_tokenizer)

@@ -14,12 +14,16 @@ from rlhf_ray.stages.common import MetricsLogger, read_metrics, run_steps
 
 
 class Trainer:
-    """A stand-in for the learners: `state` is the number of updates applied. `interrupt_at` maps a step
-    index to how many SIGINTs arrive while that step is half done (after the update began, before the
-    step returns its metrics)."""
+    """A stand-in for a stage loop (a `StageLoop`): `state` is the number of updates applied. `interrupt_at`
+    maps a step index to how many SIGINTs arrive while that step is half done (after the update began, before
+    the step returns its metrics)."""
+
+    name = "test"
 
     def __init__(self, interrupt_at: dict[int, int]):
         self.state, self.interrupt_at = 0, interrupt_at
+        self.total_steps = 0
+        self.logger: MetricsLogger
         self.checkpoints: dict[int, int] = {}  # step -> state saved under it
         self.evaluated: list[int] = []
 
@@ -36,15 +40,17 @@ class Trainer:
     def checkpoint(self, step: int) -> None:
         self.checkpoints[step] = self.state
 
+    def postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{metrics['loss']:.3f}"}
+
 
 def run(trainer: Trainer, tmp_path, steps: int = 8, **run_options) -> dict:
     cfg = replace(RunConfig(), **{"log_every": 100, "save_every": 0, "eval_every": 0, **run_options})
-    logger = MetricsLogger(tmp_path)
+    trainer.total_steps, trainer.logger = steps, MetricsLogger(tmp_path)
     try:
-        return run_steps("test", cfg, 0, steps, trainer.step, trainer.evaluate, trainer.checkpoint, logger,
-                         lambda m: {"loss": f"{m['loss']:.3f}"})
+        return run_steps(trainer, cfg, 0)
     finally:
-        logger.close()
+        trainer.logger.close()
 
 
 def logged_steps(tmp_path) -> list[int]:
