@@ -69,8 +69,33 @@ class PolicyLossOutput(NamedTuple):
     token_count: Tensor
 
 
+def truncated_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor,
+                         cap: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Truncated importance weights for rollouts sampled by another policy than the one that trains (stale
+    weights one update old, or an inference engine whose numerics differ): `w = min(π_old / π_rollout, cap)`
+    per token, no gradient (Ionides 2008, "Truncated importance sampling"; applied to the rollout/learner
+    mismatch by Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training").
+
+    Args:
+        old_logprobs: [B, T] log π_old (the learner's policy before this step's update).
+        rollout_logprobs: [B, T] log π_rollout (what the generator reported for the sampled tokens).
+        mask: [B, T] 1 on real response tokens.
+        cap: C >= 1.
+    Returns:
+        ([B, T] weights, 0 on padding; scalar Σ of the raw ratios over real tokens; scalar count of real tokens
+        whose ratio exceeded the cap).
+    """
+    if cap < 1.0:
+        raise ValueError(f"the importance-weight cap must be >= 1, got {cap}")
+    with torch.no_grad():
+        ratio = zero_padding((old_logprobs.float() - rollout_logprobs.float()).exp(), mask)
+        weights = zero_padding(ratio.clamp(max=cap), mask)
+        return weights, masked_sum(ratio, mask), masked_count(mask * (ratio > cap))
+
+
 def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float,
-                    dual_clip: float | None = None, aggregation: str = "token") -> PolicyLossOutput:
+                    dual_clip: float | None = None, aggregation: str = "token",
+                    is_weights: Tensor | None = None) -> PolicyLossOutput:
     """PPO clipped surrogate (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", Eq. 7), as a
     loss to minimise, per token, with `ρ = exp(log π_θ - log π_old)`:
 
@@ -89,6 +114,7 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
         clip_eps: ε.
         dual_clip: the cap c > 1, or None for plain PPO.
         aggregation: "token" | "sequence" (module table).
+        is_weights: [B, T] per-token weights of the loss (`truncated_is_weights`), or None.
     Returns:
         PolicyLossOutput (sums and counts).
     """
@@ -102,6 +128,8 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
     loss = torch.maximum(unclipped, clipped)
     if dual_clip is not None:
         loss = torch.where(advantages < 0, torch.minimum(loss, -dual_clip * advantages), loss)
+    if is_weights is not None:
+        loss = loss * is_weights.detach().to(loss.dtype)
     loss_sum, count = aggregate(loss, mask, aggregation)
     with torch.no_grad():
         clip_fraction_sum = masked_count(mask * (clipped > unclipped))

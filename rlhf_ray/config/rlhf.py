@@ -45,6 +45,8 @@ class GeneratorConfig:
                                      "engine's thread count.", default_factory=PlacementConfig)
     env_vars: dict[str, str] = doc("Extra environment variables of every engine actor (e.g. NCCL_* or VLLM_* "
                                    "settings), over the ones rlhf_ray sets.", default_factory=dict)
+    ignore_eos: bool = doc("Never stop before max_new_tokens (the end of turn and EOS are sampled like any "
+                           "token): fixed-length responses for benchmarks; off for training.", False)
 
     def __post_init__(self):
         gpus = self.placement.gpus
@@ -160,6 +162,24 @@ class AlgorithmConfig:
                                                        "(Ziegler et al. 2019).", "fixed")
     kl_target: float = doc("Target KL per sequence for the adaptive controller.", 1.0, gt=0.0)
     kl_horizon: int = doc("Adaptive controller horizon in samples.", 10000, ge=1)
+    off_policy_steps: int = doc(
+        "0: each step generates, scores, trains, then syncs (on-policy). 1: step k+1's rollouts are generated "
+        "while step k trains, by the weights one update old; the sync lands between steps.", 0, ge=0, le=1)
+    rollout_is: Literal["auto", "off", "truncated"] = doc(
+        "Truncated importance sampling on the learner/rollout ratio pi_old / pi_rollout (staleness of "
+        "off_policy_steps, and any engine/learner mismatch): each token's policy loss is weighted by "
+        "min(ratio, rollout_is_cap). auto: on when off_policy_steps > 0.", "auto")
+    rollout_is_cap: float = doc("Cap of the truncated importance weight.", 2.0, ge=1.0)
+
+    @property
+    def uses_rollout_is(self) -> bool:
+        return self.rollout_is == "truncated" or (self.rollout_is == "auto" and self.off_policy_steps > 0)
+
+    @property
+    def single_update(self) -> bool:
+        """One optimizer step per batch of rollouts (ppo_epochs 1, one minibatch): the policy that trains is
+        pi_old itself, so the PPO ratio is exactly 1 and no separate pi_old forward is needed."""
+        return self.ppo_epochs == 1 and self.num_minibatches == 1
 
 
 @dataclass(frozen=True)
@@ -224,6 +244,12 @@ class RLHFConfig:
                               f"{per_rank} rollouts per rank in micro-batches of {learner.micro_batch_size} is "
                               f"{derived}); leave it out or set {derived}")
         return replace(learner, grad_accum=derived)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the run has a reference role: not when the KL penalty has no weight (kl_coef 0, fixed), as
+        in DAPO-style runs; the step then logs no KL."""
+        return self.algorithm.kl_coef > 0 or self.algorithm.kl_controller == "adaptive"
 
     @property
     def rollouts_per_step(self) -> int:

@@ -75,7 +75,7 @@ def collate_preferences(table: pa.Table, rows: Sequence[int], pad_id: int) -> Pr
 
 
 # The per-response-token columns of rollout/experience tables an RLBatch can carry.
-TOKEN_FIELDS = ("old_logprobs", "advantages", "ref_logprobs", "values", "returns")
+TOKEN_FIELDS = ("old_logprobs", "advantages", "ref_logprobs", "values", "returns", "rollout_logprobs")
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,7 @@ class RLBatch:
     ref_logprobs: Optional[torch.Tensor] = None  # [B, T] the reference policy's
     values: Optional[torch.Tensor] = None        # [B, T] the critic's, before this step's updates
     returns: Optional[torch.Tensor] = None       # [B, T] value targets
+    rollout_logprobs: Optional[torch.Tensor] = None  # [B, T] what the generator reported (sampling policy)
     kl_coef: float = 0.0          # the KL coefficient the experience was made with (KL in the loss)
 
     def present(self) -> tuple[str, ...]:

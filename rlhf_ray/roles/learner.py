@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -83,10 +84,11 @@ class Learner(DistributedWorker):
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-    def _all_reduce(self, values: Sequence[float]) -> list[float]:
+    def _all_reduce(self, values: Sequence[float], op: str = "sum") -> list[float]:
         tensor = torch.tensor(list(values), dtype=torch.float64, device=self.engine.device)
         if self.world_size > 1:
-            torch.distributed.all_reduce(tensor)
+            reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+            torch.distributed.all_reduce(tensor, op=reduce_op)
         return tensor.tolist()
 
     # -- training -------------------------------------------------------------------------------------------
@@ -97,6 +99,7 @@ class Learner(DistributedWorker):
         DeepSpeed's averaging over ranks and accumulation steps cancels: the gradient is that of the mean
         over every token of the step, however the step is split.
         """
+        began = time.perf_counter()
         self.engine.train()
         micro = self.cfg.micro_batch_size
         chunks = [rows[i:i + micro] for i in range(0, len(rows), micro)]
@@ -113,9 +116,15 @@ class Learner(DistributedWorker):
             self.engine.backward(out.loss_sum * scale)
             self.engine.step()
             accumulate(totals, out)
-        keys = sorted(totals)  # the same keys on every rank: the same objective made them
-        metrics = step_metrics(dict(zip(keys, self._all_reduce([totals[k] for k in keys]))), global_count)
-        metrics.update({"lr": self.scheduler.get_last_lr()[0], "tokens": global_tokens, "loss_tokens": global_count})
+        # The same keys on every rank (the same objective made them): sums, then maxima, in one call each.
+        sums = sorted(k for k in totals if not k.startswith("max_stat/"))
+        maxima = sorted(k for k in totals if k.startswith("max_stat/"))
+        reduced = dict(zip(sums, self._all_reduce([totals[k] for k in sums])))
+        if maxima:
+            reduced.update(zip(maxima, self._all_reduce([totals[k] for k in maxima], op="max")))
+        metrics = step_metrics(reduced, global_count)
+        metrics.update({"lr": self.scheduler.get_last_lr()[0], "tokens": global_tokens, "loss_tokens": global_count,
+                        "busy_seconds": time.perf_counter() - began})
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
@@ -292,12 +301,24 @@ class LearnerGroup:
     """The driver's handle on a learner group: typed methods, each fanned out to every rank."""
 
     def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, objective: Objective, total_steps: int,
-                 seed: int, device: str, runtime_env: Optional[dict] = None, name: str = "learner"):
+                 seed: int, device: str, runtime_env: Optional[dict] = None, name: str = "learner",
+                 wait: bool = True):
+        """`wait=False` returns once the ranks are placed, with their set-up (model load, DeepSpeed) still
+        running: call `ready()` before using the group (the RLHF roles start side by side this way)."""
         spec = group_spec(name, learner_cfg.num_ranks, learner_cfg.placement, learner_cfg.gpus_per_rank, device)
         self.cfg = learner_cfg
         self.group: WorkerGroup[Any] = WorkerGroup(Learner, spec, model_cfg, learner_cfg, objective, total_steps,
                                                    seed, device, runtime_env=runtime_env, distributed=True)
-        self.info = self.group.get(lambda a, r: a.setup.remote())
+        self._setup = self.group.map(lambda a, r: a.setup.remote())
+        self.info: list[dict[str, Any]] = []
+        if wait:
+            self.ready()
+
+    def ready(self) -> list[dict[str, Any]]:
+        """Wait for every rank's set-up; returns what each reported."""
+        if not self.info:
+            self.info = ray.get(self._setup)
+        return self.info
 
     @property
     def num_ranks(self) -> int:
@@ -305,7 +326,12 @@ class LearnerGroup:
 
     def train_step(self, table: ray.ObjectRef, shards: Sequence[Sequence[int]]) -> dict[str, float]:
         """One optimizer step; rank r trains on `shards[r]`."""
-        return self.group.get(lambda a, r: a.train_step.remote(table, list(shards[r])))[0]
+        return ray.get(self.start_train_step(table, shards))[0]
+
+    def start_train_step(self, table: ray.ObjectRef, shards: Sequence[Sequence[int]]) -> list[ray.ObjectRef]:
+        """`train_step` without waiting: refs to every rank's metrics (rank 0's first; all ranks agree), so two
+        groups (policy and critic) can train at the same time."""
+        return self.group.map(lambda a, r: a.train_step.remote(table, list(shards[r])))
 
     def response_logprobs(self, table: ray.ObjectRef, num_rows: int) -> list[ray.ObjectRef]:
         """Per rank, a ref to a (row, values) table of policy logprobs; rows sharded, nothing fetched here."""

@@ -45,6 +45,7 @@ class LossOutput:
     # Per-token statistics (e.g. clip fraction), each divided by the global `token_count`, whatever `count` is.
     token_stats: dict[str, torch.Tensor] = field(default_factory=dict)
     token_count: Optional[torch.Tensor] = None  # scalar: real tokens; needed when token_stats is not empty
+    max_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # reported as their maximum over the step
 
 
 def accumulate(totals: dict[str, float], out: LossOutput) -> dict[str, float]:
@@ -55,6 +56,8 @@ def accumulate(totals: dict[str, float], out: LossOutput) -> dict[str, float]:
         parts["token_count"] = out.token_count
     for key, value in parts.items():
         totals[key] = totals.get(key, 0.0) + float(value.detach())
+    for key, value in out.max_stats.items():
+        totals[f"max_stat/{key}"] = max(totals.get(f"max_stat/{key}", float("-inf")), float(value.detach()))
     return totals
 
 
@@ -68,6 +71,8 @@ def step_metrics(totals: dict[str, float], count: float) -> dict[str, float]:
             metrics[key.removeprefix("stat/")] = value / max(count, 1.0)
         elif key.startswith("token_stat/"):
             metrics[key.removeprefix("token_stat/")] = value / tokens
+        elif key.startswith("max_stat/"):
+            metrics[key.removeprefix("max_stat/")] = value
     return metrics
 
 
@@ -180,7 +185,7 @@ class PolicyObjective:
     by the global token count whatever the loss aggregation.
     """
 
-    FIELDS = ("old_logprobs", "advantages", "ref_logprobs")
+    FIELDS = ("old_logprobs", "advantages", "ref_logprobs", "rollout_logprobs")
 
     @classmethod
     def of(cls, cfg: RLHFConfig) -> "PolicyObjective":
@@ -190,17 +195,25 @@ class PolicyObjective:
 
         algo = cfg.algorithm
         return cls(clip_eps=algo.clip_eps, dual_clip=algo.dual_clip, aggregation=algo.loss_aggregation,
-                   entropy_coef=algo.entropy_coef, kl_in_loss=algo.kl_in == "loss", kl_estimator=algo.kl_estimator,
-                   temperature=scoring_temperature(cfg.generator.temperature))
+                   entropy_coef=algo.entropy_coef, kl_in_loss=algo.kl_in == "loss" and cfg.needs_reference,
+                   kl_estimator=algo.kl_estimator,
+                   temperature=scoring_temperature(cfg.generator.temperature),
+                   rollout_is_cap=algo.rollout_is_cap if algo.uses_rollout_is else None,
+                   single_update=algo.single_update)
 
     def __init__(self, clip_eps: float = 0.2, dual_clip: float | None = None, aggregation: str = "token",
                  entropy_coef: float = 0.0, kl_in_loss: bool = False, kl_estimator: str = "k1",
-                 temperature: float = 1.0, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+                 temperature: float = 1.0, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                 rollout_is_cap: float | None = None, single_update: bool = False):
+        """`rollout_is_cap`: weight each token by the truncated importance ratio pi_old / pi_rollout (None: off).
+        `single_update`: the batch trains in one optimizer step, so pi_old is the training forward itself
+        (detached) and experience rows need no old_logprobs."""
         if temperature <= 0:
             raise ValueError(f"policy temperature must be > 0 (score greedy rollouts at 1), got {temperature}")
         self.clip_eps, self.dual_clip, self.aggregation = clip_eps, dual_clip, aggregation
         self.entropy_coef, self.kl_in_loss, self.kl_estimator = entropy_coef, kl_in_loss, kl_estimator
         self.temperature, self.chunk_elements = temperature, chunk_elements
+        self.rollout_is_cap, self.single_update = rollout_is_cap, single_update
 
     def load_model(self, cfg: ModelConfig, dtype: torch.dtype, tokenizer: Any) -> torch.nn.Module:
         return load_causal_lm(cfg, dtype)
@@ -232,20 +245,43 @@ class PolicyObjective:
         )
 
         logprobs, entropy = self.response_logprobs(model, batch, with_entropy=True)
-        out = ppo_policy_loss(logprobs, batch.require("old_logprobs"), batch.require("advantages"), batch.mask,
-                              self.clip_eps, self.dual_clip, self.aggregation)
+        old = logprobs.detach() if self.single_update else batch.require("old_logprobs")
+        token_stats, max_stats, weights = self._rollout_stats(logprobs, old, batch)
+        out = ppo_policy_loss(logprobs, old, batch.require("advantages"), batch.mask, self.clip_eps, self.dual_clip,
+                              self.aggregation, is_weights=weights)
         total = out.loss_sum
         entropy_sum, _ = aggregate(entropy if self.entropy_coef else entropy.detach(), batch.mask, self.aggregation)
         if self.entropy_coef:
             total = total - self.entropy_coef * entropy_sum
         stats = {"entropy": entropy_sum.detach(), "policy_loss": out.loss_sum.detach()}
-        token_stats = {"clip_fraction": out.clip_fraction_sum.detach(), "approx_kl": out.approx_kl_sum.detach()}
+        token_stats.update(clip_fraction=out.clip_fraction_sum.detach(), approx_kl=out.approx_kl_sum.detach())
         if self.kl_in_loss:
             ref = batch.require("ref_logprobs")
             kl_sum, _ = kl_penalty_loss(logprobs, ref, batch.mask, self.kl_estimator, self.aggregation)
             total = total + batch.kl_coef * kl_sum
             token_stats["kl_loss"] = kl_penalty_loss(logprobs.detach(), ref, batch.mask, self.kl_estimator)[0]
-        return LossOutput(total, torch.tensor(float(self.count(batch))), stats, token_stats, out.token_count)
+        return LossOutput(total, torch.tensor(float(self.count(batch))), stats, token_stats, out.token_count,
+                          max_stats)
+
+    def _rollout_stats(self, logprobs: torch.Tensor, old: torch.Tensor, batch: RLBatch
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Optional[torch.Tensor]]:
+        """(token stats, max stats, importance weights or None) of the rollout policy against pi_old: the
+        truncated importance weights when on, and (single_update: the training forward is pi_old, so no
+        experience row carried it) the vLLM-vs-learner logprob gap."""
+        from rlhf_ray.algorithms.policy_loss import truncated_is_weights
+
+        token_stats: dict[str, torch.Tensor] = {}
+        max_stats: dict[str, torch.Tensor] = {}
+        weights = None
+        if self.rollout_is_cap is not None:
+            weights, ratio_sum, over = truncated_is_weights(old, batch.require("rollout_logprobs"), batch.mask,
+                                                            self.rollout_is_cap)
+            token_stats.update({"rollout_is/ratio": ratio_sum, "rollout_is/clipped_fraction": over})
+        if self.single_update and batch.rollout_logprobs is not None:
+            gap = (logprobs.detach().float() - batch.rollout_logprobs.float()).abs() * batch.mask
+            token_stats["logprob_gap/mean"] = gap.sum()
+            max_stats["logprob_gap/max"] = gap.max()
+        return token_stats, max_stats, weights
 
     def logprobs(self, model: torch.nn.Module, batch: RLBatch) -> list[list[float]]:
         logprobs, _ = self.response_logprobs(model, batch)

@@ -54,18 +54,24 @@ def _explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch
     return float(1.0 - var_residual / var_returns) if var_returns > 0 else float("nan")
 
 
-def build_experience(rollouts: pa.Table, ref_logprobs: list[list[float]], rewards: pa.Table,
-                     old_logprobs: list[list[float]], values: Optional[list[list[float]]],
+def build_experience(rollouts: pa.Table, ref_logprobs: Optional[list[list[float]]], rewards: pa.Table,
+                     old_logprobs: Optional[list[list[float]]], values: Optional[list[list[float]]],
                      params: ExperienceParams) -> tuple[pa.Table, dict[str, float]]:
-    """The experience table (EXPERIENCE_SCHEMA) and the step's statistics (reward, KL, length, gap, ...)."""
+    """The experience table (EXPERIENCE_SCHEMA) and the step's statistics (reward, KL, length, gap, ...).
+
+    `old_logprobs` None: the learners did not score pi_old (a batch trained in one optimizer step, whose
+    training forward is pi_old): the sampling policy's logprobs stand in for the KL to the reference, and the
+    learner reports the vLLM/learner gap from its training forward instead of this table. `ref_logprobs` None:
+    no reference role (the KL has no weight): no KL term, no KL statistic, empty ref_logprobs rows."""
     response_ids = rollouts.column("response_ids").to_pylist()
+    rollout_column = rollouts.column("rollout_logprobs").to_pylist()
     mask = response_mask(response_ids)
-    old = response_tensor(old_logprobs)
-    ref = response_tensor(ref_logprobs)
-    rollout_lp = response_tensor(rollouts.column("rollout_logprobs").to_pylist())
+    rollout_lp = response_tensor(rollout_column)
+    old = response_tensor(old_logprobs) if old_logprobs is not None else rollout_lp
+    ref = response_tensor(ref_logprobs) if ref_logprobs is not None else None
     scores = torch.tensor(rewards.column("score").to_pylist(), dtype=torch.float32)
     groups = torch.tensor(rollouts.column("group").to_pylist(), dtype=torch.long)
-    kl = kl_estimate(old, ref, params.kl_estimator) * mask
+    kl = kl_estimate(old, ref, params.kl_estimator) * mask if ref is not None else torch.zeros_like(mask)
     rewards_t = token_rewards(scores, kl if params.kl_in_reward else None, params.kl_coef, mask)
     value_t = response_tensor(values) if values is not None else None
     advantages, returns = estimate_advantages(params.advantage, AdvantageInputs(
@@ -73,14 +79,18 @@ def build_experience(rollouts: pa.Table, ref_logprobs: list[list[float]], reward
     if params.whiten_advantages and params.advantage == "gae":
         advantages = masked_whiten(advantages, mask)
     lengths = mask.sum(-1)
-    gap = (rollout_lp - old).abs() * mask
     stats = {
         "reward/mean": float(scores.mean()), "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
-        "kl": float(masked_sum(kl, mask, dim=-1).mean()), "response_length": float(lengths.mean()),
+        "response_length": float(lengths.mean()),
         "truncated_fraction": sum(r == "length" for r in rollouts.column("finish_reason").to_pylist()) / len(lengths),
-        "logprob_gap/mean": float(masked_mean(gap, mask)) if mask.sum() > 0 else 0.0,
-        "logprob_gap/max": float(gap.max()), "advantage/mean": float(masked_mean(advantages, mask)),
+        "advantage/mean": float(masked_mean(advantages, mask)),
     }
+    if ref is not None:
+        stats["kl"] = float(masked_sum(kl, mask, dim=-1).mean())
+    if old_logprobs is not None:
+        gap = (rollout_lp - old).abs() * mask
+        stats["logprob_gap/mean"] = float(masked_mean(gap, mask)) if mask.sum() > 0 else 0.0
+        stats["logprob_gap/max"] = float(gap.max())
     for name in rewards.column_names:
         if name.startswith("score/"):
             stats[f"reward/{name[6:]}"] = float(torch.tensor(rewards.column(name).to_pylist()).mean())
@@ -96,7 +106,8 @@ def build_experience(rollouts: pa.Table, ref_logprobs: list[list[float]], reward
     table = pa.Table.from_pydict({
         "prompt_ids": rollouts.column("prompt_ids").to_pylist(), "response_ids": response_ids,
         "rollout_logprobs": rollouts.column("rollout_logprobs").to_pylist(),
-        "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "values": per_row(value_t),
+        "old_logprobs": old_logprobs if old_logprobs is not None else rollout_column,
+        "ref_logprobs": ref_logprobs if ref_logprobs is not None else [[] for _ in response_ids], "values": per_row(value_t),
         "advantages": per_row(advantages), "returns": per_row(returns),
         "score": scores.tolist(), "group": groups.tolist(), "kl_coef": [float(params.kl_coef)] * len(response_ids),
     }, schema=EXPERIENCE_SCHEMA)
@@ -123,6 +134,6 @@ def kl_rows(experience: pa.Table, estimator: str) -> list[list[float]]:
     """Per-token KL of each row (for the Parquet dump)."""
     old = experience.column("old_logprobs").to_pylist()
     ref = experience.column("ref_logprobs").to_pylist()
-    return [kl_estimate(torch.tensor(o), torch.tensor(r), estimator).tolist() if o else [] for o, r in zip(old, ref)]
+    return [kl_estimate(torch.tensor(o), torch.tensor(r), estimator).tolist() if o and r else [] for o, r in zip(old, ref)]
 
 

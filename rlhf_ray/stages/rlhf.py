@@ -45,7 +45,7 @@ from rlhf_ray.stages.common import (
     run_steps,
 )
 from rlhf_ray.stages.rlhf_roles import Roles, needed_cpus
-from rlhf_ray.stages.rlhf_tasks import concat_tables, make_experience, summarize_eval
+from rlhf_ray.stages.rlhf_tasks import concat_tables, make_experience, read_table, summarize_eval, write_table
 from rlhf_ray.stages.supervised import StageResult
 
 
@@ -108,6 +108,8 @@ class RLHFLoop:
         self.kl = make_kl_controller(algo.kl_controller, algo.kl_coef, algo.kl_target, algo.kl_horizon)
         self.logger = MetricsLogger(run_dir.path)
         self.timer = PhaseTimer()
+        # Off-policy: step -> ref to its rollouts, generated during the step before (at most one).
+        self._pending: dict[int, ray.ObjectRef] = {}
 
     # -- the loop --------------------------------------------------------------------------------------------
     def run(self, resume_from: Optional[Path]) -> StageResult:
@@ -132,40 +134,54 @@ class RLHFLoop:
         return self.cfg.run.max_steps
 
     def postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
-        return {"reward": f"{metrics['reward/mean']:.3f}", "kl": f"{metrics['kl']:.3f}"}
+        return {"reward": f"{metrics['reward/mean']:.3f}", **({"kl": f"{metrics['kl']:.3f}"} if "kl" in metrics else {})}
 
     def step(self, step: int) -> dict[str, Any]:
+        """Generate (or take the batch generated during the previous step), score, make experience, train,
+        sync. With algorithm.off_policy_steps=1 the next step's rollouts are generated while this one scores
+        and trains, by the weights of before this step's update; the sync waits for them."""
         cfg, roles, timer = self.cfg, self.roles, self.timer
         began = time.perf_counter()
-        rows = self.sampler.shards(step)[0]
         with timer.phase("generate"):
-            sampling = Sampling.of(cfg.generator, seed=_step_seed(cfg.run.seed, step))
-            parts = roles.generators.generate(self.prompts_ref, rows, sampling)
-            rollouts = concat_tables.remote(*parts)
+            prefetched = step in self._pending
+            rollouts = self._pending.pop(step) if prefetched else self._generate(step)
             ray.wait([rollouts], fetch_local=False)
-        n = len(rows) * cfg.generator.samples_per_prompt
+        if cfg.algorithm.off_policy_steps and step + 1 < cfg.run.max_steps:
+            self._pending[step + 1] = self._generate(step + 1)
+        n = cfg.rollouts_per_step
         with timer.phase("score"):
             scores = roles.score(rollouts, n)
             pending = scores.refs()
             ray.wait(pending, num_returns=len(pending), fetch_local=False)
         with timer.phase("advantages"):
-            path = self._rollout_path(step)
             experience, stats_ref = make_experience.options(num_returns=2).remote(
-                rollouts, scores, params=self._params(), rollout_path=path)
+                rollouts, scores, params=self._params(), rollout_path=self._rollout_path(step))
             stats = ray.get(stats_ref)
         with timer.phase("train"):
             stats.update(self.train(experience, n, step))
+        if self._pending:  # off-policy: the next batch must be complete before the weights change
+            with timer.phase("generate_wait"):
+                ray.wait(list(self._pending.values()), num_returns=len(self._pending), fetch_local=False)
         with timer.phase("sync"):
             stats.update(roles.sync.sync())
-        self.kl.update(stats["kl"], n)
+        self.kl.update(stats.get("kl", 0.0), n)  # no KL logged without a reference (the fixed 0 coefficient)
         seconds = time.perf_counter() - began
         times = timer.pop()
         stats.update(times, kl_coef=self.kl.value, step_time=seconds,
-                     generate_tokens_per_s=stats["response_length"] * n / times["time/generate"])
+                     learner_idle_fraction=max(0.0, 1.0 - stats.pop("learner_busy_seconds") / seconds))
+        if not prefetched:  # a prefetched batch was generated during the previous step: no time of its own here
+            stats["generate_tokens_per_s"] = stats["response_length"] * n / times["time/generate"]
         return stats
 
+    def _generate(self, step: int) -> ray.ObjectRef:
+        """Start generating step `step`'s rollouts (its prompts, its seed); a ref to the joined table."""
+        sampling = Sampling.of(self.cfg.generator, seed=_step_seed(self.cfg.run.seed, step))
+        parts = self.roles.generators.generate(self.prompts_ref, self.sampler.shards(step)[0], sampling)
+        return concat_tables.remote(*parts)
+
     def train(self, experience: ray.ObjectRef, n: int, step: int) -> dict[str, float]:
-        """ppo_epochs passes, each num_minibatches optimizer steps over a seeded shuffle of the rollouts."""
+        """ppo_epochs passes, each num_minibatches optimizer steps over a seeded shuffle of the rollouts; the
+        policy and the critic (separate groups) train each minibatch at the same time."""
         algo, roles = self.cfg.algorithm, self.roles
         began = time.perf_counter()
         sums: dict[str, float] = {}
@@ -175,17 +191,22 @@ class RLHFLoop:
             size = n // algo.num_minibatches
             for mb in range(algo.num_minibatches):
                 chunk = order[mb * size:(mb + 1) * size]
-                metrics = roles.learners.train_step(experience, shard_rows(chunk, roles.learners.num_ranks))
-                if roles.critic is not None:
-                    critic = roles.critic.train_step(experience, shard_rows(chunk, roles.critic.num_ranks))
-                    metrics["value_loss"] = critic["loss"]
+                policy = roles.learners.start_train_step(experience, shard_rows(chunk, roles.learners.num_ranks))
+                critic = (roles.critic.start_train_step(experience, shard_rows(chunk, roles.critic.num_ranks))
+                          if roles.critic is not None else None)
+                metrics = ray.get(policy)[0]
+                if critic is not None:
+                    metrics["value_loss"] = ray.get(critic)[0]["loss"]
                 for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + value
+                    sums[key] = max(sums.get(key, value), value) if key.endswith("/max") else sums.get(key, 0.0) + value
                 updates += 1
-        out = {f"policy/{k}": v / updates for k, v in sums.items() if k not in ("value_loss", "tokens")}
+        lifted = ("logprob_gap/", "rollout_is/")  # rollout-policy statistics the learner measured: top level
+        out = {k if k.startswith(lifted) else f"policy/{k}": v if k.endswith("/max") else v / updates
+               for k, v in sums.items() if k not in ("value_loss", "tokens", "busy_seconds")}
         if "value_loss" in sums:
             out["value_loss"] = sums["value_loss"] / updates
         out["train_tokens_per_s"] = sums.get("tokens", 0.0) / (time.perf_counter() - began)
+        out["learner_busy_seconds"] = sums.get("busy_seconds", 0.0)
         return out
 
     # -- evaluation, checkpoints ----------------------------------------------------------------------------
@@ -213,6 +234,9 @@ class RLHFLoop:
         if self.roles.critic is not None:
             self.roles.critic.save_checkpoint(staging / "critic")
         state = {"step": step, "stage": "rlhf", "kl_controller": self.kl.state_dict()}
+        if step in self._pending:  # off-policy: the batch generated on the weights before this checkpoint's
+            ray.get(write_table.remote(self._pending[step], str(staging / PENDING_ROLLOUTS)))
+            state["pending_rollouts"] = PENDING_ROLLOUTS
         final = self.run_dir.commit_checkpoint(staging, step, state, self.cfg.run.keep_checkpoints)
         tqdm.write(f"[rlhf] checkpoint {final}")
 
@@ -223,6 +247,9 @@ class RLHFLoop:
             self.roles.critic.load_checkpoint(checkpoint / "critic")
         self.kl.load_state_dict(state["kl_controller"])
         self.roles.sync.sync()  # the generators started from policy.path: give them the restored weights
+        if state.get("pending_rollouts") and self.cfg.algorithm.off_policy_steps:
+            # Generated by the weights one update older than the restored ones: exactly what the run had.
+            self._pending[int(state["step"])] = read_table.remote(str(checkpoint / state["pending_rollouts"]))
         tqdm.write(f"[rlhf] resumed from {checkpoint} at step {state['step']}")
         return int(state["step"])
 
@@ -237,6 +264,9 @@ class RLHFLoop:
         if every and (step + 1) % every == 0:
             return str(self.run_dir.path / "rollouts" / f"step_{step + 1:08d}.parquet")
         return None
+
+
+PENDING_ROLLOUTS = "pending_rollouts.parquet"
 
 
 def _step_seed(seed: int, step: int) -> int:

@@ -38,9 +38,10 @@ def role_specs(cfg: RLHFConfig, device: str) -> dict[str, GroupSpec]:
     specs = {
         "policy learner": learner_spec(cfg.learner, "policy-learner", device),
         "generators": group_spec("generator", gen.num_engines, gen.placement, gen.engine_gpus, device),
-        "reference": group_spec("reference", ref.num_actors, ref.placement, ref.gpus_per_actor, device),
         "reward": group_spec("reward", rew.num_actors, rew.placement, rew.gpus_per_actor, device),
     }
+    if cfg.needs_reference:
+        specs["reference"] = group_spec("reference", ref.num_actors, ref.placement, ref.gpus_per_actor, device)
     if needs_critic(cfg.algorithm.advantage):
         specs["critic"] = learner_spec(cfg.critic.learner, "critic", device)
     return specs
@@ -70,7 +71,8 @@ def check_gpu_shares(cfg: RLHFConfig, device: str) -> None:
                                              if needs_critic(cfg.algorithm.advantage) else [])
     for key, learner in learners:
         check_rank_gpus(learner, key)
-    holders = [("reference.placement.gpus", cfg.reference.gpus_per_actor, "the reference policy")]
+    holders = [("reference.placement.gpus", cfg.reference.gpus_per_actor, "the reference policy")] \
+        if cfg.needs_reference else []
     if cfg.reward.model:
         holders.append(("reward.placement.gpus", cfg.reward.gpus_per_actor, "the reward model"))
     for key, gpus, what in holders:
@@ -123,14 +125,19 @@ class Roles:
     """Every role of one RLHF run, each a group of Ray actors placed by `WorkerGroup`."""
 
     generators: GeneratorGroup
-    reference: WorkerGroup
+    reference: Optional[WorkerGroup]  # None when the KL has no weight (RLHFConfig.needs_reference)
     reward: WorkerGroup
     learners: LearnerGroup
     critic: Optional[LearnerGroup]
     sync: WeightSync
+    # Whether scoring asks the learners for pi_old: not when the batch trains in one optimizer step (the
+    # training forward is pi_old then; see PolicyObjective.single_update).
+    pi_old: bool = True
 
     @classmethod
     def create(cls, cfg: RLHFConfig) -> "Roles":
+        """Place and start every role. The roles start side by side (model loads, DeepSpeed set-up and vLLM
+        start-up overlap); the weight-sync group is joined once all are up."""
         device = cluster_device(cfg.learner.device)
         check_gpu_shares(cfg, device)
         check_total(role_resources(cfg, device))
@@ -139,21 +146,29 @@ class Roles:
         updates = cfg.run.max_steps * algo.ppo_epochs * algo.num_minibatches
         env = {"env_vars": worker_env_vars(device)}
         learners = LearnerGroup(cfg.policy, cfg.learner, PolicyObjective.of(cfg), updates, cfg.run.seed, device,
-                                runtime_env=env, name="policy-learner")
+                                runtime_env=env, name="policy-learner", wait=False)
         critic = None
         if needs_critic(algo.advantage):
             critic_model = ModelConfig(path=critic_start(cfg),
                                        tokenizer=cfg.policy.tokenizer or cfg.policy.path, dtype=cfg.policy.dtype,
                                        trust_remote_code=cfg.policy.trust_remote_code)
             critic = LearnerGroup(critic_model, cfg.critic.learner, ValueObjective.of(cfg), updates, cfg.run.seed,
-                                  device, runtime_env=env, name="critic")
-        generators = GeneratorGroup(cfg.policy.path, cfg.generator, cfg.run.seed, device)
+                                  device, runtime_env=env, name="critic", wait=False)
+        generators = GeneratorGroup(cfg.policy.path, cfg.generator, cfg.run.seed, device, wait=False)
         ref_model = replace(cfg.policy, path=cfg.reference.path or cfg.policy.path, gradient_checkpointing=False)
         reference = WorkerGroup(ReferenceActor, specs["reference"], ref_model, cfg.reference.micro_batch_size,
-                                device, PolicyObjective.of(cfg).temperature, runtime_env=env)
+                                device, PolicyObjective.of(cfg).temperature, runtime_env=env) \
+            if cfg.needs_reference else None
         reward = WorkerGroup(RewardActor, specs["reward"], cfg.reward, device, runtime_env=env)
+        learners.ready()
+        if critic is not None:
+            critic.ready()
+        generators.ready()
+        for group in (reference, reward):
+            if group is not None:
+                group.wait_started()
         sync = WeightSync(cfg.sync, learners, generators)
-        return cls(generators, reference, reward, learners, critic, sync)
+        return cls(generators, reference, reward, learners, critic, sync, pi_old=not algo.single_update)
 
     def score(self, rollouts: ray.ObjectRef, n: int, policy: bool = True,
               temperature: Optional[float] = None) -> Scores:
@@ -162,9 +177,10 @@ class Roles:
         when the rollouts were not sampled at the training temperature (greedy evaluation: 1)."""
         rows = list(range(n))
         return Scores(
-            reference=self.reference.map_shards(rows, lambda a, shard: a.logprobs.remote(rollouts, shard, temperature)),
+            reference=self.reference.map_shards(rows, lambda a, shard: a.logprobs.remote(rollouts, shard, temperature))
+            if self.reference is not None else [],
             reward=self.reward.map_shards(rows, lambda a, shard: a.score.remote(rollouts, shard)),
-            old_logprobs=self.learners.response_logprobs(rollouts, n) if policy else [],
+            old_logprobs=self.learners.response_logprobs(rollouts, n) if policy and self.pi_old else [],
             values=self.critic.response_values(rollouts, n) if policy and self.critic is not None else None)
 
     def shutdown(self) -> None:

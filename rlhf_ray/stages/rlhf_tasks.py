@@ -38,6 +38,22 @@ class Scores:
 
 
 @ray.remote(num_cpus=0)
+def write_table(table: pa.Table, path: str) -> None:
+    """Write a table (e.g. an off-policy batch in flight at a checkpoint) to Parquet, next to the data."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, path)
+
+
+@ray.remote(num_cpus=0)
+def read_table(path: str) -> pa.Table:
+    """A Parquet table, read into the object store by a task (the driver holds only the ref)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)
+
+
+@ray.remote(num_cpus=0)
 def concat_tables(*tables: pa.Table) -> pa.Table:
     """The generators' shards as one rollout table (prompt order kept)."""
     return pa.concat_tables(tables)
@@ -55,9 +71,9 @@ def make_experience(rollouts: pa.Table, scores: Scores, params: ExperienceParams
                     rollout_path: Optional[str]) -> tuple[pa.Table, dict[str, float]]:
     """Join the scorers' outputs (refs resolved here, not in the driver) and compute advantages."""
     n = rollouts.num_rows
-    ref = rows_in_order(ray.get(scores.reference), n)
+    ref = rows_in_order(ray.get(scores.reference), n) if scores.reference else None
     rewards = _scores_in_order(ray.get(scores.reward), n)
-    old = rows_in_order(ray.get(scores.old_logprobs), n)
+    old = rows_in_order(ray.get(scores.old_logprobs), n) if scores.old_logprobs else None
     values = rows_in_order(ray.get(scores.values), n) if scores.values else None
     experience, stats = build_experience(rollouts, ref, rewards, old, values, params)
     if rollout_path:
@@ -71,15 +87,15 @@ def summarize_eval(rollouts: pa.Table, ref_parts: list, reward_parts: list, kl_e
     """Held-out metrics of greedy answers: reward, KL, length, and accuracy and mean grade by the answer checker
     at import path `checker` (over the rows it can grade; none when null)."""
     n = rollouts.num_rows
-    ref = response_tensor(rows_in_order(ray.get(ref_parts), n))
     rewards = _scores_in_order(ray.get(reward_parts), n)
     response_ids = rollouts.column("response_ids").to_pylist()
     mask = response_mask(response_ids)
-    policy = response_tensor(rollouts.column("rollout_logprobs").to_pylist())
-    kl = (kl_estimate(policy, ref, kl_estimator) * mask).sum(-1)
     scores = rewards.column("score").to_pylist()
-    metrics: dict[str, Any] = {"reward": sum(scores) / n, "kl": float(kl.mean()),
-                               "response_length": float(mask.sum(-1).mean())}
+    metrics: dict[str, Any] = {"reward": sum(scores) / n, "response_length": float(mask.sum(-1).mean())}
+    if ref_parts:  # no reference role when the KL has no weight (see RLHFConfig.needs_reference)
+        ref = response_tensor(rows_in_order(ray.get(ref_parts), n))
+        policy = response_tensor(rollouts.column("rollout_logprobs").to_pylist())
+        metrics["kl"] = float((kl_estimate(policy, ref, kl_estimator) * mask).sum(-1).mean())
     responses = rollouts.column("response_text").to_pylist()
     metas = [json.loads(m) for m in rollouts.column("metadata").to_pylist()]
     summary = grade_summary(grade_answers(checker, metas, responses))

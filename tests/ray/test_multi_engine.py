@@ -75,6 +75,15 @@ def largest_gap(generators, learners, prompts_ref) -> float:
     return max(gaps)
 
 
+def sampled_ids(generators, prompts_ref, seed: int) -> list[list[int]]:
+    """Every engine samples its shard of the prompts (one seed per engine call, from `seed` and its shard)."""
+    from rlhf_ray.roles.generator import Sampling
+
+    refs = generators.generate(prompts_ref, list(range(len(CONTENTS))),
+                               Sampling(n=2, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=seed))
+    return pa.concat_tables(ray.get(refs)).column("response_ids").to_pylist()
+
+
 def test_two_engines_sync_checksum_and_logprob_gap(learners, prompts_ref):
     from rlhf_ray.distributed.weight_sync import WeightSyncError
     from rlhf_ray.distributed.weight_transfer import WeightSync
@@ -95,6 +104,9 @@ def test_two_engines_sync_checksum_and_logprob_gap(learners, prompts_ref):
         print(f"\n[multi-engine] 2 engines: sync {metrics['sync/seconds']:.3f} s, {metrics['sync/mb']:.2f} MB, "
               f"{len(sync.plan)} buckets, logprob gap {gap:.2e}")
         assert gap <= GAP
+        # The same seed, rows and engines give the same samples; another seed others.
+        assert sampled_ids(generators, prompts_ref, 3) == sampled_ids(generators, prompts_ref, 3)
+        assert sampled_ids(generators, prompts_ref, 4) != sampled_ids(generators, prompts_ref, 3)
 
         # sync.verify=never: no engine sums its weights, so there is no checksum to compare.
         sync.cfg = replace(sync.cfg, verify="never")
@@ -128,5 +140,8 @@ def test_tensor_parallel_engine_syncs_every_worker(learners, prompts_ref):
         gap = largest_gap(generators, learners, prompts_ref)
         print(f"\n[multi-engine] tensor parallel 2: sync {metrics['sync/seconds']:.3f} s, logprob gap {gap:.2e}")
         assert gap <= GAP
+        # Both workers are reseeded alike for each call: samples are reproducible (and the gap above shows the
+        # workers fed each other the same tokens).
+        assert sampled_ids(generators, prompts_ref, 3) == sampled_ids(generators, prompts_ref, 3)
     finally:
         generators.shutdown()

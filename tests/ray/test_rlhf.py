@@ -49,9 +49,11 @@ def split(run_dir: Path, name: str) -> list[dict]:
     return [m for m in read_metrics(run_dir) if m["split"] == name]
 
 
-def assert_healthy(train: list[dict]) -> None:
+def assert_healthy(train: list[dict], stale: bool = False) -> None:
+    """`stale`: off-policy, where the rollouts come from the weights one update old (no gap to check)."""
     for m in train:
-        assert m["logprob_gap/max"] <= 1e-4, m  # vLLM samples with exactly the learner's weights
+        if not stale:
+            assert m["logprob_gap/max"] <= 1e-4, m  # vLLM samples with exactly the learner's weights
         assert math.isfinite(m["kl"]) and m["kl"] < 4.0, m  # nats per response (about 5 tokens)
     recent = train[-10:]
     assert sum(m["kl"] for m in recent) / len(recent) < 2.5
@@ -103,26 +105,39 @@ def greedy_task_score(model_dir: Path, eval_file: Path) -> float:
     return sum(scores) / len(scores)
 
 
-def test_ppo_with_critic_raises_held_out_accuracy(sft_policy):
+def test_off_policy_ppo_with_critic_raises_held_out_accuracy(sft_policy):
+    """PPO with its critic (the two groups train each minibatch side by side), off-policy: step k+1's rollouts
+    are sampled by the weights one update old while step k trains, corrected by truncated IS."""
     result = run_rlhf(rlhf_config(sft_policy, "ppo", "algorithm.advantage=gae", "run.max_steps=60",
-                                  "learner.lr=2e-4", "sync.transport=object_store"))
+                                  "learner.lr=2e-4", "sync.transport=object_store", "algorithm.off_policy_steps=1"))
     before, after = split(result.run_dir, "eval")
     assert_learned(before, after)
     train = split(result.run_dir, "train")
-    assert_healthy(train)
+    assert_healthy(train, stale=True)
     assert all("explained_variance" in m for m in train)
+    # Step 0 sampled with the starting weights it trains from; later steps one update behind: ratio != 1.
+    assert train[0]["rollout_is/ratio"] == pytest.approx(1.0, abs=1e-4)
+    assert any(abs(m["rollout_is/ratio"] - 1.0) > 1e-3 for m in train[1:])
+    assert all(0.0 <= m["rollout_is/clipped_fraction"] <= 1.0 for m in train)
+    assert "generate_tokens_per_s" in train[0] and "generate_tokens_per_s" not in train[1]  # prefetched
+    assert all(0.0 <= m["learner_idle_fraction"] < 1.0 for m in train)
 
 
-def test_resume_continues_like_an_uninterrupted_run(sft_policy):
-    common = ["algorithm.advantage=grpo", "run.max_steps=4", "run.save_every=2", "eval.at_start=false"]
-    full = run_rlhf(rlhf_config(sft_policy, "resume-full", *common))
+@pytest.mark.parametrize("off_policy", [0, 1], ids=["on-policy", "off-policy"])
+def test_resume_continues_like_an_uninterrupted_run(sft_policy, off_policy):
+    """Off-policy, the checkpoint at step 2 holds the batch generated during step 2 (on the weights of step
+    1): resuming from it continues exactly like the run that never stopped."""
+    common = ["algorithm.advantage=grpo", "run.max_steps=4", "run.save_every=2", "eval.at_start=false",
+              f"algorithm.off_policy_steps={off_policy}"]
+    full = run_rlhf(rlhf_config(sft_policy, f"resume-full-{off_policy}", *common))
     checkpoint = full.run_dir / "checkpoints" / "step_00000002"
-    resumed = run_rlhf(rlhf_config(sft_policy, "resume-half", *common, f"run.resume={checkpoint}"))
+    assert (checkpoint / "pending_rollouts.parquet").is_file() == bool(off_policy)
+    resumed = run_rlhf(rlhf_config(sft_policy, f"resume-half-{off_policy}", *common, f"run.resume={checkpoint}"))
     a = {m["step"]: m for m in split(full.run_dir, "train")}
     b = {m["step"]: m for m in split(resumed.run_dir, "train")}
     assert sorted(b) == [3, 4]
     for step in (3, 4):
-        for key in ("reward/mean", "kl", "policy/loss", "response_length"):
+        for key in ("reward/mean", "kl", "policy/loss", "response_length") + (("rollout_is/ratio",) * off_policy):
             assert math.isclose(a[step][key], b[step][key], rel_tol=1e-4, abs_tol=1e-6), (step, key, a, b)
 
 
@@ -173,3 +188,13 @@ def test_zero3_policy_syncs_and_writes_rollouts(sft_policy):
     table = pq.read_table(result.run_dir / "rollouts" / "step_00000003.parquet")
     assert table.num_rows == 64
     assert {"prompt", "response", "score", "kl", "length"} <= set(table.column_names)
+
+
+def test_without_kl_weight_no_reference_role_runs(sft_policy):
+    """kl_coef 0 (fixed): no reference actor is placed or asked; the run trains and logs no KL."""
+    result = run_rlhf(rlhf_config(sft_policy, "no-reference", "algorithm.advantage=grpo", "run.max_steps=2",
+                                  "algorithm.kl_coef=0", "eval.at_start=false"))
+    train, evals = split(result.run_dir, "train"), split(result.run_dir, "eval")
+    assert len(train) == 2 and all("kl" not in m and math.isfinite(m["policy/loss"]) for m in train)
+    assert evals and "kl" not in evals[-1] and "reward" in evals[-1]
+    assert train[0]["logprob_gap/max"] <= 1e-4
