@@ -48,23 +48,26 @@ def send_sigint(pid: int) -> None:
 
 
 @contextlib.contextmanager
-def sigint_after_update(monkeypatch, nth: int) -> Iterator[list[int]]:
+def sigint_after_update(monkeypatch, nth: int, method: str = "train_step") -> Iterator[list[int]]:
     """A real SIGINT to this (driver) process, sent by a Ray task right after the `nth` learner update returns;
-    yields the list of updates made."""
-    original, calls = LearnerGroup.train_step, []
+    yields the list of updates made. `method`: the LearnerGroup method the stage updates through
+    (`start_train_step`, which returns refs, is waited on first: the update has then been applied)."""
+    original, calls = getattr(LearnerGroup, method), []
 
     def interrupted_train_step(self, *args, **kwargs):
-        metrics = original(self, *args, **kwargs)  # the learners have applied this update
+        result = original(self, *args, **kwargs)
+        if isinstance(result, list):
+            ray.get(result)  # the learners have applied this update
         calls.append(len(calls))
         if len(calls) == nth:
             ray.get(ray.remote(num_cpus=0)(send_sigint).remote(os.getpid()))
-        return metrics
+        return result
 
-    monkeypatch.setattr(LearnerGroup, "train_step", interrupted_train_step)
+    monkeypatch.setattr(LearnerGroup, method, interrupted_train_step)
     try:
         yield calls
     finally:
-        monkeypatch.setattr(LearnerGroup, "train_step", original)
+        monkeypatch.setattr(LearnerGroup, method, original)
 
 
 def test_ctrl_c_mid_step_then_resume_continues_the_same_curve(ray_cluster, tmp_path, monkeypatch):
@@ -108,7 +111,8 @@ def test_rlhf_ctrl_c_mid_step_then_resume_continues_the_same_curve(ray_cluster, 
     full = run_rlhf(rlhf_config(data, tmp_path, "full", "never"))
 
     # Step 2: after the update, before the sync and the KL controller's update.
-    with pytest.raises(KeyboardInterrupt), sigint_after_update(monkeypatch, 2) as calls:
+    # (The RLHF loop starts the policy's and the critic's updates together: it updates through start_train_step.)
+    with pytest.raises(KeyboardInterrupt), sigint_after_update(monkeypatch, 2, "start_train_step") as calls:
         run_rlhf(rlhf_config(data, tmp_path, "cut", "never"))
     assert len(calls) == 2
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step_00000002"]
