@@ -126,8 +126,20 @@ class WorkerGroup(Generic[A]):
             for i in range(spec.num_workers)
         ]
         self.node_ids: list[str] = []
+        self._started: list[ray.ObjectRef] = []
+        self.info: list[Any] = []
         if distributed:
             self._rendezvous()
+
+    def start(self, call: Callable[[A, int], ray.ObjectRef]) -> None:
+        """Start each worker's set-up call (`call(actor, rank)`) without waiting; `ready()` waits for it."""
+        self._started, self.info = self.map(call), []
+
+    def ready(self) -> list[Any]:
+        """The results of the calls `start` began (waited for once, then kept in `info`)."""
+        if self._started and not self.info:
+            self.info = ray.get(self._started)
+        return self.info
 
     def __len__(self) -> int:
         return len(self.actors)

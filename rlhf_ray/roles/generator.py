@@ -240,16 +240,17 @@ class GeneratorGroup:
         self.group: WorkerGroup[Any] = WorkerGroup(
             GeneratorActor, spec, model_path, cfg, device=device,
             runtime_env={"env_vars": generator_env_vars(cfg, device)}, rank_kwargs=lambda i: {"seed": seed + i})
-        self._ready = self.group.map(lambda actor, _: actor.ready.remote())
-        self.info: list[dict[str, Any]] = []
+        self.group.start(lambda actor, _: actor.ready.remote())
         if wait:
             self.ready()
 
     def ready(self) -> list[dict[str, Any]]:
         """Wait for every engine to start; returns what each reported (model, dtype, start seconds, ...)."""
-        if not self.info:
-            self.info = ray.get(self._ready)
-        return self.info
+        return self.group.ready()
+
+    @property
+    def info(self) -> list[dict[str, Any]]:
+        return self.group.info
 
     @property
     def actors(self) -> list[Any]:

@@ -309,16 +309,13 @@ class LearnerGroup:
         self.cfg = learner_cfg
         self.group: WorkerGroup[Any] = WorkerGroup(Learner, spec, model_cfg, learner_cfg, objective, total_steps,
                                                    seed, device, runtime_env=runtime_env, distributed=True)
-        self._setup = self.group.map(lambda a, r: a.setup.remote())
-        self.info: list[dict[str, Any]] = []
+        self.group.start(lambda a, r: a.setup.remote())
         if wait:
             self.ready()
 
     def ready(self) -> list[dict[str, Any]]:
         """Wait for every rank's set-up; returns what each reported."""
-        if not self.info:
-            self.info = ray.get(self._setup)
-        return self.info
+        return self.group.ready()
 
     @property
     def num_ranks(self) -> int:

@@ -145,7 +145,8 @@ class Roles:
         algo = cfg.algorithm
         updates = cfg.run.max_steps * algo.ppo_epochs * algo.num_minibatches
         env = {"env_vars": worker_env_vars(device)}
-        learners = LearnerGroup(cfg.policy, cfg.learner, PolicyObjective.of(cfg), updates, cfg.run.seed, device,
+        objective = PolicyObjective.of(cfg)
+        learners = LearnerGroup(cfg.policy, cfg.learner, objective, updates, cfg.run.seed, device,
                                 runtime_env=env, name="policy-learner", wait=False)
         critic = None
         if needs_critic(algo.advantage):
@@ -157,7 +158,7 @@ class Roles:
         generators = GeneratorGroup(cfg.policy.path, cfg.generator, cfg.run.seed, device, wait=False)
         ref_model = replace(cfg.policy, path=cfg.reference.path or cfg.policy.path, gradient_checkpointing=False)
         reference = WorkerGroup(ReferenceActor, specs["reference"], ref_model, cfg.reference.micro_batch_size,
-                                device, PolicyObjective.of(cfg).temperature, runtime_env=env) \
+                                device, objective.temperature, runtime_env=env) \
             if cfg.needs_reference else None
         reward = WorkerGroup(RewardActor, specs["reward"], cfg.reward, device, runtime_env=env)
         learners.ready()
