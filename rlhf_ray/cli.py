@@ -3,6 +3,7 @@
     rlhf-ray sft configs/tiny-cpu/sft.yaml learner.num_ranks=2 run.max_steps=200
     rlhf-ray sft --help                  # every config key with its type, default and meaning
     rlhf-ray rm configs/tiny-cpu/rm.yaml data.train=data/generated/ranking_train.jsonl
+    rlhf-ray dpo configs/tiny-cpu/dpo.yaml loss.type=simpo   # the policy trained on feedback directly
     rlhf-ray synth-data data/generated   # the synthetic task and feedback files the tiny presets use
     rlhf-ray label configs/tiny-cpu/label.yaml server.port=8000   # the labeling page
     rlhf-ray label-summary configs/tiny-cpu/label.yaml            # counts, agreement, A/B win rate
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from rlhf_ray.config import PipelineConfig, RLHFConfig, RMConfig, SFTConfig
+from rlhf_ray.config import DPOConfig, PipelineConfig, RLHFConfig, RMConfig, SFTConfig
 from rlhf_ray.config_loader import ConfigError, config_help, load_config
 from rlhf_ray.data.errors import DataError
 from rlhf_ray.label.config import LabelConfig
@@ -40,6 +41,13 @@ def _run_rm(cfg) -> None:
 
     result = run_rm(cfg)
     print(f"[rm] done: run directory {result.run_dir}, reward model {result.model_dir}")
+
+
+def _run_dpo(cfg) -> None:
+    from rlhf_ray.stages.dpo import run_dpo
+
+    result = run_dpo(cfg)
+    print(f"[dpo] done: run directory {result.run_dir}, policy {result.model_dir}")
 
 
 def _run_rlhf(cfg) -> None:
@@ -77,11 +85,12 @@ def _run_label_summary(cfg) -> None:
     print(f"\n[label-summary] {out}" + (f"; {bad} unreadable log lines skipped" if bad else ""))
 
 
-STAGE_RUNNERS: dict[str, Callable] = {"sft": _run_sft, "rm": _run_rm, "rlhf": _run_rlhf,
+STAGE_RUNNERS: dict[str, Callable] = {"sft": _run_sft, "rm": _run_rm, "dpo": _run_dpo, "rlhf": _run_rlhf,
                                       "pipeline": _run_pipeline, "label": _run_label,
                                       "label-summary": _run_label_summary}
 # The config class of each command: its stage's, or the one it reports on.
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "rlhf": RLHFConfig, "pipeline": PipelineConfig,
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "rlhf": RLHFConfig,
+                                  "pipeline": PipelineConfig,
                                   "label": LabelConfig}
 COMMAND_CONFIGS: dict[str, type] = {**STAGE_CONFIGS, "label-summary": STAGE_CONFIGS["label"]}
 HELP_LINES = {"label-summary": "Counts per annotator, agreement between annotators, A/B win rate of the labels "

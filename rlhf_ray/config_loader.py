@@ -115,9 +115,10 @@ def _convert_union(value: Any, tp: Any, key: str) -> Any:
     args = get_args(tp)
     if value is None and type(None) in args:
         return None
-    for arg in args:
-        if arg is type(None):
-            continue
+    members = [arg for arg in args if arg is not type(None)]
+    if len(members) == 1 and dataclasses.is_dataclass(members[0]) and isinstance(value, dict):
+        return _convert(value, members[0], key)  # an optional section: its own error names the bad field
+    for arg in members:
         try:
             return _convert(value, arg, key)
         except ConfigError:

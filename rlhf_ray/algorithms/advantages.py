@@ -9,11 +9,16 @@ returns are 0 on padding. Responses are right-padded: a response's real tokens c
 |             | Continuous Control Using Generalized Advantage |        | δ_t = r_t + γ V_{t+1} - V_t          |
 |             | Estimation"                                    |        |                                     |
 | grpo        | Shao et al. 2024, "DeepSeekMath", sec 4.1      | no     | (R_i - mean_g R) / (std_g R + eps)  |
+| dr_grpo     | Liu et al. 2025, "Understanding R1-Zero-Like   | no     | R_i - mean_g R                      |
+|             | Training: A Critical Perspective", sec 3.1     |        |                                     |
 | rloo        | Ahmadian et al. 2024, "Back to Basics:         | no     | R_i - mean of the other R_j in g    |
 |             | Revisiting REINFORCE Style Optimization ..."   |        |                                     |
 | reinforce++ | Hu 2025, "REINFORCE++"                         | no     | whiten_batch(Σ_{s>=t} γ^{s-t} r_s)   |
 
 R_i = Σ_t r_t is response i's sequence return; a group g is the responses sampled for the same prompt.
+Dr. GRPO drops GRPO's division by the group std (which up-weights prompts that are nearly always or never
+solved); its other half, no per-response length normalisation, is the loss's `constant` aggregation
+(`policy_loss.py`): the paper's method is `algorithm.advantage: dr_grpo` with `loss_aggregation: constant`.
 """
 
 from __future__ import annotations
@@ -136,7 +141,7 @@ def gae(inp: AdvantageInputs) -> tuple[Tensor, Tensor]:
     """
     if inp.values is None:
         raise ValueError("gae needs critic values (AdvantageInputs.values); use a critic-free estimator "
-                         "(grpo, rloo, reinforce++) to train without one")
+                         "(grpo, dr_grpo, rloo, reinforce++) to train without one")
     rewards = zero_padding(inp.token_rewards, inp.mask)
     values = zero_padding(inp.values.to(rewards.dtype), inp.mask)
     # cont[:, t] = 0 once position t + 1 is padding: nothing is bootstrapped past the end of a response.
@@ -171,6 +176,17 @@ def grpo(inp: AdvantageInputs) -> tuple[Tensor, None]:
     return _broadcast(scores, inp.mask), None
 
 
+def dr_grpo(inp: AdvantageInputs) -> tuple[Tensor, None]:
+    """Dr. GRPO's group-relative advantage (Liu et al. 2025, Eq. 3): `A_i = R_i - mean_g R`, GRPO without the
+    std normalisation; broadcast to every real token of response i. A group of one response has advantage 0
+    (its own mean is its return).
+    """
+    returns = _sequence_returns(inp)
+    index, sizes = _group_index(inp.group_ids)
+    mean = _group_sum(returns, index, len(sizes)) / sizes.to(returns.dtype)
+    return _broadcast(returns - mean[index], inp.mask), None
+
+
 def rloo(inp: AdvantageInputs) -> tuple[Tensor, None]:
     """REINFORCE leave-one-out (Ahmadian et al. 2024; Kool et al. 2019): the baseline of response i is the
     mean return of the *other* responses to the same prompt, `A_i = R_i - (Σ_g R - R_i) / (n - 1)`;
@@ -193,8 +209,12 @@ def reinforce_pp(inp: AdvantageInputs) -> tuple[Tensor, None]:
 
 
 Estimator = Callable[[AdvantageInputs], tuple[Tensor, Tensor | None]]
-ADVANTAGE_ESTIMATORS: dict[str, Estimator] = {"gae": gae, "grpo": grpo, "rloo": rloo, "reinforce++": reinforce_pp}
+ADVANTAGE_ESTIMATORS: dict[str, Estimator] = {"gae": gae, "grpo": grpo, "rloo": rloo, "reinforce++": reinforce_pp,
+                                              "dr_grpo": dr_grpo}
 _CRITIC_ESTIMATORS = frozenset({"gae"})
+# Baselines from the other responses to the same prompt: they need groups of two or more, and a group whose
+# returns are all equal gets advantage 0 (what dynamic sampling filters out).
+GROUP_ESTIMATORS = frozenset({"grpo", "dr_grpo", "rloo"})
 
 
 def _check_name(name: str) -> None:

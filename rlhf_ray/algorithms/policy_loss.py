@@ -10,6 +10,24 @@ How the policy loss is normalised is a choice, a table (`AGGREGATIONS`):
 | token       | Σ over every real token                         | real tokens          | each token equally (DAPO)  |
 | sequence    | Σ over responses of the response's token mean  | non-empty responses  | each response equally      |
 |             |                                                 |                      | (GRPO, Shao et al. 2024)   |
+| constant    | Σ over every real token / max_tokens            | non-empty responses  | each token equally, by a   |
+|             | (max_tokens: generator.max_new_tokens)          |                      | constant (Dr. GRPO, Liu et |
+|             |                                                 |                      | al. 2025, sec 3.1)         |
+
+Dr. GRPO's `constant` removes the per-response 1/|o_i| of `sequence` (which favours long wrong answers and
+short right ones) without making the normaliser depend on the batch's lengths as `token` does.
+
+The importance ratio is a choice too (`ppo_policy_loss(importance_ratio=...)`):
+
+| ratio    | ρ of token t of response i                         | paper                                        |
+|----------|----------------------------------------------------|----------------------------------------------|
+| token    | π_θ(y_t) / π_old(y_t)                              | PPO (Schulman et al. 2017)                   |
+| sequence | exp(mean_t log(π_θ(y_t) / π_old(y_t))), the same   | GSPO (Zheng et al. 2025, "Group Sequence     |
+|          | for every token of response i, clipped as one      | Policy Optimization", Eq. 5-7)               |
+
+Clipping is asymmetric when `clip_eps_high` is given: ρ is clipped to [1 - ε, 1 + ε_high] (DAPO's
+"clip-higher", Yu et al. 2025, sec 3.1: a wider upper bound lets low-probability tokens rise, against
+entropy collapse).
 """
 
 from __future__ import annotations
@@ -25,11 +43,11 @@ from rlhf_ray.algorithms.kl import kl_estimate
 from rlhf_ray.algorithms.masked import masked_count, masked_sum, zero_padding
 
 
-def _token_aggregate(per_token: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def _token_aggregate(per_token: Tensor, mask: Tensor, max_tokens: int | None) -> tuple[Tensor, Tensor]:
     return masked_sum(per_token, mask), masked_count(mask)
 
 
-def _sequence_aggregate(per_token: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def _sequence_aggregate(per_token: Tensor, mask: Tensor, max_tokens: int | None) -> tuple[Tensor, Tensor]:
     lengths = masked_count(mask, dim=1)  # [B]
     sums = masked_sum(per_token, mask, dim=1)
     # An empty response has no token mean: it adds 0 and is not counted.
@@ -37,17 +55,48 @@ def _sequence_aggregate(per_token: Tensor, mask: Tensor) -> tuple[Tensor, Tensor
     return means.sum(), (lengths > 0).to(torch.float32).sum()
 
 
-AGGREGATIONS: dict[str, Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = {
+def _constant_aggregate(per_token: Tensor, mask: Tensor, max_tokens: int | None) -> tuple[Tensor, Tensor]:
+    if max_tokens is None or max_tokens < 1:
+        raise ValueError(f"constant loss aggregation needs max_tokens >= 1 (generator.max_new_tokens), got "
+                         f"{max_tokens}")
+    # Empty responses (none are sampled; the driver's filler rows are) add nothing and are not counted.
+    responses = (masked_count(mask, dim=1) > 0).to(torch.float32).sum()
+    return masked_sum(per_token, mask) / max_tokens, responses
+
+
+AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, int | None], tuple[Tensor, Tensor]]] = {
     "token": _token_aggregate,
     "sequence": _sequence_aggregate,
+    "constant": _constant_aggregate,
 }
 
 
-def aggregate(per_token: Tensor, mask: Tensor, aggregation: str) -> tuple[Tensor, Tensor]:
-    """Reduce a [B, T] per-token loss to (loss_sum, count) by the module table's `aggregation`."""
+def aggregate(per_token: Tensor, mask: Tensor, aggregation: str, max_tokens: int | None = None
+              ) -> tuple[Tensor, Tensor]:
+    """Reduce a [B, T] per-token loss to (loss_sum, count) by the module table's `aggregation`; `max_tokens`
+    is the constant normaliser of "constant" (unused by the others)."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
-    return AGGREGATIONS[aggregation](per_token, mask)
+    return AGGREGATIONS[aggregation](per_token, mask, max_tokens)
+
+
+def sequence_log_ratio(log_ratio: Tensor, mask: Tensor) -> Tensor:
+    """GSPO's length-normalised sequence log-ratio (Zheng et al. 2025, Eq. 7), broadcast to every real token:
+    `mean_t (log π_θ(y_t) - log π_old(y_t))` over response i's real tokens. Gradient flows through every
+    token's term. An empty response gets 0.
+
+    Args:
+        log_ratio: [B, T] per-token log π_θ - log π_old, 0 on padding.
+        mask: [B, T].
+    Returns:
+        [B, T], 0 on padding.
+    """
+    lengths = masked_count(mask, dim=1).clamp(min=1).to(log_ratio.dtype)
+    per_sequence = masked_sum(log_ratio, mask, dim=1) / lengths
+    return zero_padding(per_sequence.unsqueeze(1).expand(mask.shape), mask)
+
+
+IMPORTANCE_RATIOS = ("token", "sequence")
 
 
 class PolicyLossOutput(NamedTuple):
@@ -95,11 +144,12 @@ def truncated_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: T
 
 def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float,
                     dual_clip: float | None = None, aggregation: str = "token",
-                    is_weights: Tensor | None = None) -> PolicyLossOutput:
+                    is_weights: Tensor | None = None, clip_eps_high: float | None = None,
+                    importance_ratio: str = "token", max_tokens: int | None = None) -> PolicyLossOutput:
     """PPO clipped surrogate (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", Eq. 7), as a
-    loss to minimise, per token, with `ρ = exp(log π_θ - log π_old)`:
+    loss to minimise, per token, with `ρ = exp(log π_θ - log π_old)` (or GSPO's sequence ratio, module table):
 
-        L = max(-A ρ, -A clip(ρ, 1 - ε, 1 + ε))
+        L = max(-A ρ, -A clip(ρ, 1 - ε, 1 + ε_high))      ε_high = ε unless clip_eps_high is given (DAPO)
 
     Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL", Eq. 5): for A < 0 the
     loss above grows without bound in ρ, so it is capped at `dual_clip · (-A)`, dual_clip > 1:
@@ -111,26 +161,34 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
         old_logprobs: [B, T] log π_old(token), the policy that produced the rollouts.
         advantages: [B, T].
         mask: [B, T] 1 on real response tokens.
-        clip_eps: ε.
+        clip_eps: ε, the lower clip (and the upper one unless clip_eps_high is given).
         dual_clip: the cap c > 1, or None for plain PPO.
-        aggregation: "token" | "sequence" (module table).
+        aggregation: "token" | "sequence" | "constant" (module table).
         is_weights: [B, T] per-token weights of the loss (`truncated_is_weights`), or None.
+        clip_eps_high: ε_high, the upper clip, or None for ε.
+        importance_ratio: "token" | "sequence" (module table).
+        max_tokens: the constant normaliser of the "constant" aggregation.
     Returns:
         PolicyLossOutput (sums and counts).
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (it caps the loss at c·|A| for A < 0), got {dual_clip}")
+    if importance_ratio not in IMPORTANCE_RATIOS:
+        raise ValueError(f"unknown importance ratio {importance_ratio!r}; valid: {', '.join(IMPORTANCE_RATIOS)}")
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = zero_padding(logprobs, mask) - zero_padding(old_logprobs.to(logprobs.dtype), mask)
+    if importance_ratio == "sequence":
+        log_ratio = sequence_log_ratio(log_ratio, mask)
     advantages = zero_padding(advantages.to(log_ratio.dtype), mask)
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + high)
     loss = torch.maximum(unclipped, clipped)
     if dual_clip is not None:
         loss = torch.where(advantages < 0, torch.minimum(loss, -dual_clip * advantages), loss)
     if is_weights is not None:
         loss = loss * is_weights.detach().to(loss.dtype)
-    loss_sum, count = aggregate(loss, mask, aggregation)
+    loss_sum, count = aggregate(loss, mask, aggregation, max_tokens)
     with torch.no_grad():
         clip_fraction_sum = masked_count(mask * (clipped > unclipped))
         approx_kl_sum = masked_sum(kl_estimate(old_logprobs.detach(), logprobs.detach(), "k3"), mask)
@@ -179,7 +237,7 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
 
 
 def kl_penalty_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: str,
-                    aggregation: str = "token") -> tuple[Tensor, Tensor]:
+                    aggregation: str = "token", max_tokens: int | None = None) -> tuple[Tensor, Tensor]:
     """KL to the reference policy as a loss term (GRPO's way, Shao et al. 2024, Eq. 3, there with k3),
     instead of a penalty inside the reward: the per-token `kl_estimate(logprobs, ref_logprobs)` reduced by
     `aggregation` exactly as the policy term is (module table), so that `kl_coef` weighs the two alike: with
@@ -191,11 +249,12 @@ def kl_penalty_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estima
         ref_logprobs: [B, T] log π_ref.
         mask: [B, T].
         estimator: "k1" | "k2" | "k3".
-        aggregation: "token" | "sequence".
+        aggregation: "token" | "sequence" | "constant".
+        max_tokens: the constant normaliser of the "constant" aggregation.
     Returns:
-        (kl_sum, count): token aggregation Σ over real tokens and the token count; sequence aggregation as
-        in the module table.
+        (kl_sum, count): token aggregation Σ over real tokens and the token count; the others as in the
+        module table.
     """
     log_p = zero_padding(logprobs, mask)
     log_ref = zero_padding(ref_logprobs.to(log_p.dtype), mask)
-    return aggregate(kl_estimate(log_p, log_ref, estimator), mask, aggregation)
+    return aggregate(kl_estimate(log_p, log_ref, estimator), mask, aggregation, max_tokens)

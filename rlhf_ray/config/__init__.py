@@ -15,6 +15,7 @@ from rlhf_ray.config.base import (
     PlacementConfig,
     RunConfig,
 )
+from rlhf_ray.config.dpo import DPOConfig, DPOLossConfig, DPOReferenceConfig
 from rlhf_ray.config.rlhf import (
     AlgorithmConfig,
     CriticConfig,
@@ -36,7 +37,8 @@ from rlhf_ray.config.supervised import (
 )
 
 __all__ = [
-    "AlgorithmConfig", "CriticConfig", "DataConfig", "Device", "DType", "EvalConfig", "GeneratorConfig",
+    "AlgorithmConfig", "CriticConfig", "DataConfig", "Device", "DPOConfig", "DPOLossConfig", "DPOReferenceConfig",
+    "DType", "EvalConfig", "GeneratorConfig",
     "LearnerConfig", "ModelConfig", "PipelineConfig", "PlacementConfig", "PromptDataConfig", "ReferenceConfig",
     "RewardConfig", "RewardDataConfig", "RewardFunctionConfig", "RewardLossConfig", "RLHFConfig", "RMConfig",
     "RunConfig", "SFTConfig", "SyncConfig",

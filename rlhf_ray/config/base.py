@@ -4,7 +4,7 @@ schedule, evaluation."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from rlhf_ray.config_loader import ConfigError, doc
 
@@ -41,6 +41,30 @@ class PlacementConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (peft LoRA, https://arxiv.org/abs/2106.09685): W x + (alpha / rank) B A x on each
+    target linear layer; only A, B (and a scoring model's head) train. Saved and synced as merged weights."""
+
+    rank: int = doc("Rank r of each adapter's A (r x in) and B (out x r) matrices.", 8, ge=1)
+    alpha: float = doc("Scale numerator: the update B A is multiplied by alpha / rank.", 16.0, gt=0.0)
+    dropout: float = doc("Dropout on the adapter's input while training (0 keeps a policy's logprobs "
+                         "deterministic, which the PPO ratio assumes).", 0.0, ge=0.0, lt=1.0)
+    target_modules: Union[str, tuple[str, ...]] = doc(
+        "Linear layers that get adapters: all-linear (every linear layer of the backbone, i.e. the attention "
+        "and MLP projections, never the output head) or a list of module names, e.g. [q_proj, v_proj] "
+        "(matched on the end of each module's name).", "all-linear")
+
+    def __post_init__(self):
+        names = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            raise ConfigError(f"learner.lora.target_modules: expected all-linear or a list of module names, got "
+                              f"{self.target_modules!r} (write [{self.target_modules}] for that one module)")
+        if not names or any(not n.strip() for n in names):
+            raise ConfigError(f"learner.lora.target_modules: expected all-linear or a non-empty list of module "
+                              f"names, got {list(names)}")
+
+
+@dataclass(frozen=True)
 class LearnerConfig:
     num_ranks: int = doc("Data-parallel ranks (Ray actors) of the DeepSpeed job.", 1, ge=1)
     zero_stage: int = doc("DeepSpeed ZeRO stage: 0 (plain DDP), 1 (optimizer), 2 (+gradients), "
@@ -62,6 +86,11 @@ class LearnerConfig:
     device: Device = doc("auto picks CUDA when the ranks see a GPU, else CPU.", "auto")
     placement: PlacementConfig = doc("What each rank reserves (gpus null: 1 per rank on CUDA).",
                                      default_factory=PlacementConfig)
+    lora: Optional[LoRAConfig] = doc(
+        "Train LoRA adapters (peft) instead of every weight; null: full fine-tuning. A mapping of rank (default 8), "
+        "alpha (16: updates scaled by alpha/rank), dropout (0.0) and target_modules (all-linear: every linear "
+        "layer of the backbone; or a list such as [q_proj, v_proj]), e.g. learner.lora.rank=16 or "
+        "learner.lora={}. The saved model and the weight sync are the merged weights.", None)
 
     def __post_init__(self):
         if len(self.adam_betas) != 2:

@@ -13,8 +13,13 @@ from rlhf_ray.config.base import (
     PlacementConfig,
     RunConfig,
 )
+from rlhf_ray.config.dpo import DPOConfig
 from rlhf_ray.config.supervised import RMConfig, SFTConfig
 from rlhf_ray.config_loader import ConfigError, doc
+
+# The estimators whose baseline is the other responses to the prompt (advantages.GROUP_ESTIMATORS; the config
+# does not import torch).
+GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
 
 
 def _scorer_placement() -> PlacementConfig:
@@ -137,17 +142,37 @@ class ReferenceConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    advantage: Literal["gae", "grpo", "rloo", "reinforce++"] = doc(
-        "Advantage estimator: gae (PPO with a critic), grpo (group-normalised), rloo (leave-one-out), "
-        "reinforce++ (batch-normalised returns).", "gae")
+    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce++"] = doc(
+        "Advantage estimator: gae (PPO with a critic), grpo (group-normalised), dr_grpo (group mean subtracted, "
+        "no std division: Dr. GRPO, with loss_aggregation=constant), rloo (leave-one-out), reinforce++ "
+        "(batch-normalised returns).", "gae")
     prompts_per_step: int = doc("Prompts sampled per RL step (each answered generator.samples_per_prompt "
                                 "times).", 16, ge=1)
     ppo_epochs: int = doc("Passes over each step's rollouts.", 1, ge=1)
     num_minibatches: int = doc("Optimizer steps per pass (the rollouts split evenly).", 1, ge=1)
-    clip_eps: float = doc("PPO ratio clip.", 0.2, gt=0.0)
+    clip_eps: float = doc("PPO ratio clip: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high].", 0.2,
+                          gt=0.0, lt=1.0)
+    clip_eps_high: Optional[float] = doc("Upper ratio clip (DAPO's clip-higher, e.g. 0.28 with clip_eps 0.2); "
+                                         "null: clip_eps.", None, gt=0.0)
     dual_clip: Optional[float] = doc("Dual-clip bound (> 1) for negative advantages; null: off.", None, gt=1.0)
-    loss_aggregation: Literal["token", "sequence"] = doc(
-        "Average the policy loss over all tokens of the batch, or per sequence then over sequences.", "token")
+    loss_aggregation: Literal["token", "sequence", "constant"] = doc(
+        "Average the policy loss over all tokens of the batch (token; DAPO), per sequence then over sequences "
+        "(sequence; GRPO), or sum each response's tokens, divide by generator.max_new_tokens, average over "
+        "responses (constant; Dr. GRPO).", "token")
+    importance_ratio: Literal["token", "sequence"] = doc(
+        "PPO's per-token ratio, or GSPO's sequence ratio exp(mean log-ratio over the response), clipped per "
+        "response (pair with loss_aggregation=sequence and small clips, e.g. 3e-4 / 4e-4, as in the paper).",
+        "token")
+    dynamic_sampling: bool = doc(
+        "DAPO's dynamic sampling (grpo, dr_grpo, rloo): drop prompt groups whose scores are all equal (zero "
+        "advantage) and refill the step from further prompts, up to dynamic_sampling_max_rounds generations; "
+        "a step still short trains on the groups it has (logged as dynamic_sampling/shortfall_groups).", False)
+    dynamic_sampling_max_rounds: int = doc("Most generation rounds per step with dynamic_sampling (the first "
+                                           "included).", 4, ge=1)
+    overlong_buffer: Optional[int] = doc(
+        "DAPO's overlong reward shaping: in the last this-many tokens before generator.max_new_tokens the score "
+        "falls linearly to -overlong_penalty (logged as reward/overlong); null or 0: off.", None, ge=0)
+    overlong_penalty: float = doc("The overlong penalty at generator.max_new_tokens tokens.", 1.0, ge=0.0)
     entropy_coef: float = doc("Entropy bonus coefficient.", 0.0, ge=0.0)
     gamma: float = doc("Discount (gae, reinforce++).", 1.0, ge=0.0, le=1.0)
     lam: float = doc("GAE lambda.", 0.95, ge=0.0, le=1.0)
@@ -172,6 +197,10 @@ class AlgorithmConfig:
     rollout_is_cap: float = doc("Cap of the truncated importance weight.", 2.0, ge=1.0)
 
     @property
+    def uses_overlong_shaping(self) -> bool:
+        return bool(self.overlong_buffer) and self.overlong_penalty > 0
+
+    @property
     def uses_rollout_is(self) -> bool:
         return self.rollout_is == "truncated" or (self.rollout_is == "auto" and self.off_policy_steps > 0)
 
@@ -192,7 +221,8 @@ class CriticConfig:
 
 @dataclass(frozen=True)
 class RLHFConfig:
-    """RLHF: maximise reward minus a KL penalty to the reference policy (PPO, GRPO, RLOO, REINFORCE++)."""
+    """RLHF: maximise reward minus a KL penalty to the reference policy (PPO, GRPO, Dr. GRPO, RLOO, REINFORCE++;
+    DAPO's and GSPO's variants)."""
 
     policy: ModelConfig = doc("The policy to train (usually the SFT model).", default_factory=ModelConfig)
     data: PromptDataConfig = doc("Prompts.", default_factory=PromptDataConfig)
@@ -220,11 +250,32 @@ class RLHFConfig:
             raise ConfigError(f"generator.top_p={self.generator.top_p:g}: RLHF samples from the full distribution "
                               "(top_p must be 1.0) so that the learner's logprobs are those of the sampling policy; "
                               "use generator.temperature to sharpen it")
+        self._check_algorithm()
         # grad_accum follows from the step's shape: set it here, once (frozen: hence object.__setattr__).
         object.__setattr__(self, "learner", self._with_grad_accum(self.learner, "learner"))
         if self.algorithm.advantage == "gae":  # the critic trains on the same minibatches
             critic = replace(self.critic, learner=self._with_grad_accum(self.critic.learner, "critic.learner"))
             object.__setattr__(self, "critic", critic)
+
+    def _check_algorithm(self) -> None:
+        """Combinations of algorithm and generator keys that would train on nothing or on something else."""
+        algo, gen = self.algorithm, self.generator
+        group = algo.advantage in GROUP_ADVANTAGES
+        if group and gen.samples_per_prompt < 2:
+            raise ConfigError(f"algorithm.advantage={algo.advantage} with generator.samples_per_prompt="
+                              f"{gen.samples_per_prompt}: a group-relative baseline needs at least 2 responses per "
+                              "prompt (with 1 every advantage is 0); set generator.samples_per_prompt >= 2 or use "
+                              "gae or reinforce++")
+        if algo.dynamic_sampling and not group:
+            raise ConfigError(f"algorithm.dynamic_sampling with algorithm.advantage={algo.advantage}: dynamic "
+                              "sampling drops groups whose group-relative advantage is 0; use grpo, dr_grpo or rloo")
+        if algo.dynamic_sampling and algo.off_policy_steps:
+            raise ConfigError("algorithm.dynamic_sampling with algorithm.off_policy_steps=1: refill rounds wait "
+                              "for the rewards, which the off-policy overlap exists to avoid; set one of them off")
+        if algo.overlong_buffer and algo.overlong_buffer > gen.max_new_tokens:
+            raise ConfigError(f"algorithm.overlong_buffer={algo.overlong_buffer} exceeds generator.max_new_tokens="
+                              f"{gen.max_new_tokens}: the penalty zone is the last overlong_buffer tokens before "
+                              "the limit")
 
     def _with_grad_accum(self, learner: LearnerConfig, key: str) -> LearnerConfig:
         """`learner` with the grad_accum that makes one optimizer step of a minibatch: each rank's share of the
@@ -262,13 +313,26 @@ class RLHFConfig:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """SFT -> reward model -> RLHF, each stage's output feeding the next, one run directory per stage."""
+    """SFT -> reward model -> RLHF (or SFT -> DPO), each stage's output feeding the next, one run directory per
+    stage."""
 
-    sft: SFTConfig = doc("The SFT stage; its model becomes the RLHF policy and reference.")
-    rlhf: RLHFConfig = doc("The RLHF stage; policy.path (and reward.model, with an rm stage) are filled in.")
-    rm: Optional[RMConfig] = doc("The reward-model stage; null skips it (rule rewards only).", None)
+    sft: SFTConfig = doc("The SFT stage; its model becomes the RLHF (or DPO) policy and reference.")
+    mode: Literal["rm+rlhf", "dpo"] = doc(
+        "rm+rlhf: SFT -> reward model (optional) -> RLHF; dpo: SFT -> DPO on the feedback directly. The sections "
+        "of the other mode may stay in the file; they are not run.", "rm+rlhf")
+    rlhf: Optional[RLHFConfig] = doc("The RLHF stage (mode rm+rlhf, required there); policy.path (and reward.model, with "
+                           "an rm stage) are filled in.", None)
+    rm: Optional[RMConfig] = doc("The reward-model stage (mode rm+rlhf); null skips it (rule rewards only).", None)
     rm_from_sft: bool = doc("Start the reward model from the SFT model instead of rm.model.path.", False)
+    dpo: Optional[DPOConfig] = doc("The DPO stage (mode dpo, required there); model.path is filled in with the SFT model, "
+                         "which is also the reference unless dpo.reference.path is set.", None)
 
     def __post_init__(self):
+        if self.mode == "dpo":
+            if self.dpo is None:
+                raise ConfigError("dpo: required with mode=dpo (at least dpo.data.train, the feedback file)")
+            return
+        if self.rlhf is None:
+            raise ConfigError("rlhf: required with mode=rm+rlhf (at least rlhf.data.train); or set mode=dpo")
         if self.rm is None:  # with an rm stage, its model becomes rlhf.reward.model
             self.rlhf.reward.require_source()

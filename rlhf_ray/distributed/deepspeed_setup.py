@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -81,24 +81,37 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: LearnerConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def parameter_metas(model: torch.nn.Module) -> list[TensorMeta]:
+def _raw_metas(model: torch.nn.Module) -> list[TensorMeta]:
     """Every parameter's name, dtype and *full* shape, in `named_parameters` order (a ZeRO-3 partitioned
     parameter reports its full shape through `ds_shape`)."""
     return [TensorMeta(name, str(p.dtype).removeprefix("torch."), tuple(getattr(p, "ds_shape", p.shape)))
             for name, p in model.named_parameters()]
 
 
+def parameter_metas(model: torch.nn.Module) -> list[TensorMeta]:
+    """What `iter_full_parameters` yields, described without gathering: the name, dtype and full shape of
+    each tensor, in order. For a model with LoRA adapters (`models.lora`), the base model's tensors."""
+    from rlhf_ray.models.lora import hf_name, lora_config
+
+    metas = _raw_metas(model)
+    if lora_config(model) is None:
+        return metas
+    return [TensorMeta(renamed, m.dtype, m.shape) for m in metas if (renamed := hf_name(m.name)) is not None]
+
+
 def parameter_buckets(model: torch.nn.Module, bucket_bytes: int) -> list[list[tuple[str, torch.nn.Parameter]]]:
     """The parameters grouped exactly as `plan_buckets(parameter_metas(model), bucket_bytes)` groups them (full
     sizes; at most `bucket_bytes` a bucket unless one tensor is larger), so a weight sync's gathers and its
-    broadcast buckets coincide."""
+    broadcast buckets coincide (with LoRA adapters they are grouped by the module's own parameters, which the
+    merge then maps onto the plan)."""
     params = dict(model.named_parameters())
     return [[(meta.name, params[meta.name]) for meta in bucket]
-            for bucket in plan_buckets(parameter_metas(model), bucket_bytes)]
+            for bucket in plan_buckets(_raw_metas(model), bucket_bytes)]
 
 
 def iter_full_parameters(model: torch.nn.Module, zero_stage: int, rank: int, bucket_bytes: int = 64 << 20,
-                         device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+                         device: str | torch.device = "cpu", merged: bool = True
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(name, full tensor on device)` for every parameter on rank 0; other ranks get nothing.
 
     ZeRO 0-2: every rank holds the full parameters, so ranks other than 0 return at once (no copy), and rank 0
@@ -106,7 +119,21 @@ def iter_full_parameters(model: torch.nn.Module, zero_stage: int, rank: int, buc
     update; never modify them). ZeRO-3: a collective, every rank must iterate to the end; the parameters are
     gathered in the buckets of `parameter_buckets(model, bucket_bytes)` (one `GatheredParameters` call each,
     never one per tensor) and rank 0 copies each bucket to `device` before it is released.
+
+    A model with LoRA adapters yields the base model's names and merged weights (`models.lora.merge_lora`;
+    new tensors, the module is untouched) unless `merged=False`, which yields the module's own parameters.
     """
+    from rlhf_ray.models.lora import lora_config, lora_scaling, merge_lora
+
+    raw = _iter_raw_parameters(model, zero_stage, rank, bucket_bytes, device)
+    if merged and lora_config(model) is not None:
+        yield from merge_lora(raw, lora_scaling(model))
+    else:
+        yield from raw
+
+
+def _iter_raw_parameters(model: torch.nn.Module, zero_stage: int, rank: int, bucket_bytes: int,
+                         device: str | torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     if zero_stage < 3:
         if rank == 0:
             for name, param in model.named_parameters():
@@ -118,3 +145,21 @@ def iter_full_parameters(model: torch.nn.Module, zero_stage: int, rank: int, buc
         with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
             gathered = [(n, p.detach().to(device, copy=True)) for n, p in bucket] if rank == 0 else []
         yield from gathered
+
+
+def lora_adapter(model: torch.nn.Module, zero_stage: int, rank: int) -> Optional[dict[str, torch.Tensor]]:
+    """Rank 0: the full adapter tensors of a model with LoRA adapters, under peft's file names
+    (`models.lora.adapter_state`); None on other ranks and for a model without adapters. ZeRO-3: a collective
+    (every rank calls it), which gathers the adapter and trained-head parameters only."""
+    from rlhf_ray.models.lora import adapter_state, lora_config
+
+    if lora_config(model) is None:
+        return None
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if zero_stage < 3:
+        return adapter_state(named) if rank == 0 else None
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+        state = adapter_state(named) if rank == 0 else None  # adapter_state copies to CPU
+    return state

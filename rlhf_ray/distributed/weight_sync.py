@@ -1,7 +1,8 @@
 """Weight sync from learner rank 0 to the vLLM engines: bucket plan, packing, transports, vLLM worker extension.
 
 The protocol (after vLLM's `examples/rl/rlhf_nccl.py`): the learner describes its parameters as `TensorMeta`s
-(Hugging Face names, as `iter_full_parameters` yields them) and `plan_buckets` groups them; every engine gets
+(Hugging Face names, as `iter_full_parameters` yields them: with LoRA adapters, the base model's names and
+merged weights, so engines load a plain model) and `plan_buckets` groups them; every engine gets
 the plan, then rank 0 broadcasts one packed uint8 buffer per bucket over a process group of its own
 (`create_sync_group`: gloo on CPU, NCCL on GPU; the learners' default group is untouched). The other
 transport sends safetensors bytes through the Ray object store (`weights_to_bytes`).

@@ -69,6 +69,9 @@ class Learner(DistributedWorker):
         self.tokenizer = load_tokenizer(self.model_cfg)
         model = self.objective.load_model(self.model_cfg, torch.float32 if self.device == "cpu" else self.dtype,
                                           self.tokenizer)
+        if self.cfg.lora is not None:  # adapters only: the optimizer below takes the trainable parameters
+            from rlhf_ray.models.lora import apply_lora
+            model = apply_lora(model, self.cfg.lora)
         optimizer = build_optimizer(model, self.cfg, self.device)
         # The scheduler is built on the optimizer DeepSpeed wraps (ZeRO may regroup parameters).
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -206,9 +209,14 @@ class Learner(DistributedWorker):
 
         Every rank must call this (ZeRO-3 gathers are collectives). Written under a temporary name first.
         """
-        from rlhf_ray.distributed.deepspeed_setup import iter_full_parameters
+        from rlhf_ray.distributed.deepspeed_setup import (
+            iter_full_parameters,
+            lora_adapter,
+        )
+        from rlhf_ray.models.lora import save_adapter
 
         state = dict(iter_full_parameters(self.engine.module, self.cfg.zero_stage, self.rank))
+        adapter = lora_adapter(self.engine.module, self.cfg.zero_stage, self.rank)  # LoRA: saved under adapter/
         if self.rank != 0:
             return None
         final = Path(path)
@@ -216,6 +224,8 @@ class Learner(DistributedWorker):
         shutil.rmtree(tmp, ignore_errors=True)
         self.engine.module.save_pretrained(tmp, state_dict=state)
         self.tokenizer.save_pretrained(tmp)
+        if adapter is not None:
+            save_adapter(self.engine.module, adapter, tmp / "adapter")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         return str(final)

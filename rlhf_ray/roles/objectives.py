@@ -173,9 +173,10 @@ class RewardObjective:
 class PolicyObjective:
     """PPO-style clipped policy loss on experience rows, with optional entropy bonus and KL-in-loss.
 
-    The advantage estimator (gae, grpo, rloo, reinforce++) only changes the `advantages` column; the loss is
-    the same clipped surrogate for all (with one epoch and no stale data the ratio is 1 and it reduces to
-    the plain policy gradient).
+    The advantage estimator (gae, grpo, dr_grpo, rloo, reinforce++) only changes the `advantages` column; the
+    loss is the same clipped surrogate for all (with one epoch and no stale data the ratio is 1 and it reduces
+    to the plain policy gradient), with its variants from config: asymmetric clip (DAPO), per-token or
+    per-sequence ratio (GSPO), and token / sequence / constant (Dr. GRPO) aggregation.
 
     Log-probabilities are those of the sampling distribution, `log_softmax(logits / temperature)` (what the
     generator samples from and reports), computed at response positions only, a chunk at a time
@@ -199,21 +200,26 @@ class PolicyObjective:
                    kl_estimator=algo.kl_estimator,
                    temperature=scoring_temperature(cfg.generator.temperature),
                    rollout_is_cap=algo.rollout_is_cap if algo.uses_rollout_is else None,
-                   single_update=algo.single_update)
+                   single_update=algo.single_update, clip_eps_high=algo.clip_eps_high,
+                   importance_ratio=algo.importance_ratio, max_tokens=cfg.generator.max_new_tokens)
 
     def __init__(self, clip_eps: float = 0.2, dual_clip: float | None = None, aggregation: str = "token",
                  entropy_coef: float = 0.0, kl_in_loss: bool = False, kl_estimator: str = "k1",
                  temperature: float = 1.0, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-                 rollout_is_cap: float | None = None, single_update: bool = False):
+                 rollout_is_cap: float | None = None, single_update: bool = False,
+                 clip_eps_high: float | None = None, importance_ratio: str = "token",
+                 max_tokens: int | None = None):
         """`rollout_is_cap`: weight each token by the truncated importance ratio pi_old / pi_rollout (None: off).
         `single_update`: the batch trains in one optimizer step, so pi_old is the training forward itself
-        (detached) and experience rows need no old_logprobs."""
+        (detached) and experience rows need no old_logprobs. `clip_eps_high`, `importance_ratio`, `max_tokens`:
+        see `policy_loss.ppo_policy_loss`."""
         if temperature <= 0:
             raise ValueError(f"policy temperature must be > 0 (score greedy rollouts at 1), got {temperature}")
         self.clip_eps, self.dual_clip, self.aggregation = clip_eps, dual_clip, aggregation
         self.entropy_coef, self.kl_in_loss, self.kl_estimator = entropy_coef, kl_in_loss, kl_estimator
         self.temperature, self.chunk_elements = temperature, chunk_elements
         self.rollout_is_cap, self.single_update = rollout_is_cap, single_update
+        self.clip_eps_high, self.importance_ratio, self.max_tokens = clip_eps_high, importance_ratio, max_tokens
 
     def load_model(self, cfg: ModelConfig, dtype: torch.dtype, tokenizer: Any) -> torch.nn.Module:
         return load_causal_lm(cfg, dtype)
@@ -223,7 +229,7 @@ class PolicyObjective:
         return collate_rl(table, rows, pad_id, [f for f in self.FIELDS if f in table.column_names])
 
     def count(self, batch: RLBatch) -> int:
-        if self.aggregation == "sequence":
+        if self.aggregation in ("sequence", "constant"):
             return int((batch.mask.sum(-1) > 0).sum().item())
         return int(batch.mask.sum().item())
 
@@ -248,16 +254,19 @@ class PolicyObjective:
         old = logprobs.detach() if self.single_update else batch.require("old_logprobs")
         token_stats, max_stats, weights = self._rollout_stats(logprobs, old, batch)
         out = ppo_policy_loss(logprobs, old, batch.require("advantages"), batch.mask, self.clip_eps, self.dual_clip,
-                              self.aggregation, is_weights=weights)
+                              self.aggregation, is_weights=weights, clip_eps_high=self.clip_eps_high,
+                              importance_ratio=self.importance_ratio, max_tokens=self.max_tokens)
         total = out.loss_sum
-        entropy_sum, _ = aggregate(entropy if self.entropy_coef else entropy.detach(), batch.mask, self.aggregation)
+        entropy_sum, _ = aggregate(entropy if self.entropy_coef else entropy.detach(), batch.mask, self.aggregation,
+                                   self.max_tokens)
         if self.entropy_coef:
             total = total - self.entropy_coef * entropy_sum
         stats = {"entropy": entropy_sum.detach(), "policy_loss": out.loss_sum.detach()}
         token_stats.update(clip_fraction=out.clip_fraction_sum.detach(), approx_kl=out.approx_kl_sum.detach())
         if self.kl_in_loss:
             ref = batch.require("ref_logprobs")
-            kl_sum, _ = kl_penalty_loss(logprobs, ref, batch.mask, self.kl_estimator, self.aggregation)
+            kl_sum, _ = kl_penalty_loss(logprobs, ref, batch.mask, self.kl_estimator, self.aggregation,
+                                        self.max_tokens)
             total = total + batch.kl_coef * kl_sum
             token_stats["kl_loss"] = kl_penalty_loss(logprobs.detach(), ref, batch.mask, self.kl_estimator)[0]
         return LossOutput(total, torch.tensor(float(self.count(batch))), stats, token_stats, out.token_count,

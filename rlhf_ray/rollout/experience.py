@@ -19,6 +19,7 @@ from rlhf_ray.algorithms.advantages import (
     estimate_advantages,
     token_rewards,
 )
+from rlhf_ray.algorithms.dapo import overlong_penalty
 from rlhf_ray.algorithms.kl import kl_estimate
 from rlhf_ray.algorithms.masked import masked_mean, masked_sum, masked_whiten
 from rlhf_ray.rollout.schema import EXPERIENCE_SCHEMA, response_mask, response_tensor
@@ -33,6 +34,22 @@ class ExperienceParams:
     gamma: float
     lam: float
     whiten_advantages: bool
+    # DAPO's overlong shaping (algorithm.overlong_buffer/penalty; 0: off) against generator.max_new_tokens.
+    overlong_buffer: int = 0
+    overlong_penalty: float = 0.0
+    max_new_tokens: int = 0
+
+
+def sequence_scores(rollouts: pa.Table, rewards: pa.Table, params: ExperienceParams
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """([B] the score each rollout trains on, [B] its overlong penalty or None when shaping is off): the
+    reward actors' summed score plus DAPO's overlong penalty. Dynamic sampling filters on the same scores."""
+    scores = torch.tensor(rewards.column("score").to_pylist(), dtype=torch.float32)
+    if not (params.overlong_buffer and params.overlong_penalty):
+        return scores, None
+    lengths = torch.tensor([len(r) for r in rollouts.column("response_ids").to_pylist()])
+    penalty = overlong_penalty(lengths, params.max_new_tokens, params.overlong_buffer, params.overlong_penalty)
+    return scores + penalty, penalty
 
 
 def rows_in_order(parts: Sequence[pa.Table], num_rows: int) -> list[list[float]]:
@@ -69,7 +86,7 @@ def build_experience(rollouts: pa.Table, ref_logprobs: Optional[list[list[float]
     rollout_lp = response_tensor(rollout_column)
     old = response_tensor(old_logprobs) if old_logprobs is not None else rollout_lp
     ref = response_tensor(ref_logprobs) if ref_logprobs is not None else None
-    scores = torch.tensor(rewards.column("score").to_pylist(), dtype=torch.float32)
+    scores, overlong = sequence_scores(rollouts, rewards, params)
     groups = torch.tensor(rollouts.column("group").to_pylist(), dtype=torch.long)
     kl = kl_estimate(old, ref, params.kl_estimator) * mask if ref is not None else torch.zeros_like(mask)
     rewards_t = token_rewards(scores, kl if params.kl_in_reward else None, params.kl_coef, mask)
@@ -94,6 +111,8 @@ def build_experience(rollouts: pa.Table, ref_logprobs: Optional[list[list[float]
     for name in rewards.column_names:
         if name.startswith("score/"):
             stats[f"reward/{name[6:]}"] = float(torch.tensor(rewards.column(name).to_pylist()).mean())
+    if overlong is not None:  # a component of reward/mean, as the reward functions' are
+        stats["reward/overlong"] = float(overlong.mean())
     if value_t is not None and returns is not None:
         stats["explained_variance"] = _explained_variance(value_t, returns, mask)
         stats["value/mean"] = float(masked_mean(value_t, mask))
@@ -112,6 +131,26 @@ def build_experience(rollouts: pa.Table, ref_logprobs: Optional[list[list[float]
         "score": scores.tolist(), "group": groups.tolist(), "kl_coef": [float(params.kl_coef)] * len(response_ids),
     }, schema=EXPERIENCE_SCHEMA)
     return table, stats
+
+
+def pad_experience(experience: pa.Table, num_rows: int) -> pa.Table:
+    """`experience` with filler rows appended up to `num_rows`: the first row's prompt with an empty response.
+    An empty response has no real token, so a filler row adds nothing to any loss and is not counted in any
+    normaliser (token, sequence or constant aggregation; the value loss): the learners, whose step shape is
+    fixed by the config, train on exactly the real rows. Dynamic sampling uses it for a step it could not
+    fill."""
+    missing = num_rows - experience.num_rows
+    if missing < 0 or experience.num_rows == 0:
+        raise ValueError(f"cannot pad {experience.num_rows} experience rows to {num_rows}")
+    if missing == 0:
+        return experience
+    empty: dict = {name: [[]] * missing for name in ("response_ids", "rollout_logprobs", "old_logprobs",
+                                                     "ref_logprobs", "values", "advantages", "returns")}
+    filler = pa.Table.from_pydict({
+        **empty, "prompt_ids": [experience.column("prompt_ids")[0].as_py()] * missing, "score": [0.0] * missing,
+        "group": [-1] * missing, "kl_coef": [experience.column("kl_coef")[0].as_py()] * missing,
+    }, schema=EXPERIENCE_SCHEMA)
+    return pa.concat_tables([experience, filler])
 
 
 def write_rollouts(path: Path, rollouts: pa.Table, experience: pa.Table,

@@ -44,6 +44,7 @@ from rlhf_ray.stages.common import (
     read_trainer_state,
     run_steps,
 )
+from rlhf_ray.stages.dynamic_sampling import Collected, collect
 from rlhf_ray.stages.rlhf_roles import Roles, needed_cpus
 from rlhf_ray.stages.rlhf_tasks import concat_tables, make_experience, read_table, summarize_eval, write_table
 from rlhf_ray.stages.supervised import StageResult
@@ -103,6 +104,7 @@ class RLHFLoop:
                  eval_ref: ray.ObjectRef, num_eval: int, run_dir: RunDir):
         self.cfg, self.roles, self.run_dir = cfg, roles, run_dir
         self.prompts_ref, self.eval_ref, self.num_eval = prompts_ref, eval_ref, num_eval
+        self.num_prompts = num_prompts
         algo = cfg.algorithm
         self.sampler = StepSampler(num_prompts, algo.prompts_per_step, 1, cfg.run.seed)
         self.kl = make_kl_controller(algo.kl_controller, algo.kl_coef, algo.kl_target, algo.kl_horizon)
@@ -142,23 +144,28 @@ class RLHFLoop:
         and trains, by the weights of before this step's update; the sync waits for them."""
         cfg, roles, timer = self.cfg, self.roles, self.timer
         began = time.perf_counter()
-        with timer.phase("generate"):
+        with timer.phase("generate"):  # with dynamic sampling: every round, its reward scoring and filter
             prefetched = step in self._pending
-            rollouts = self._pending.pop(step) if prefetched else self._generate(step)
+            collected = self._collect(step) if cfg.algorithm.dynamic_sampling else None
+            if collected:
+                rollouts = collected.rollouts
+            else:
+                rollouts = self._pending.pop(step) if prefetched else self._generate(step)
             ray.wait([rollouts], fetch_local=False)
         if cfg.algorithm.off_policy_steps and step + 1 < cfg.run.max_steps:
             self._pending[step + 1] = self._generate(step + 1)
-        n = cfg.rollouts_per_step
+        n = collected.num_rows if collected else cfg.rollouts_per_step
         with timer.phase("score"):
-            scores = roles.score(rollouts, n)
+            scores = roles.score(rollouts, n, reward=collected.rewards if collected else None)
             pending = scores.refs()
             ray.wait(pending, num_returns=len(pending), fetch_local=False)
         with timer.phase("advantages"):
             experience, stats_ref = make_experience.options(num_returns=2).remote(
-                rollouts, scores, params=self._params(), rollout_path=self._rollout_path(step))
+                rollouts, scores, params=self._params(), rollout_path=self._rollout_path(step),
+                pad_to=cfg.rollouts_per_step if collected else None)
             stats = ray.get(stats_ref)
-        with timer.phase("train"):
-            stats.update(self.train(experience, n, step))
+        with timer.phase("train"):  # a short dynamic-sampling step's filler rows weigh nothing
+            stats.update(self.train(experience, cfg.rollouts_per_step, step))
         if self._pending:  # off-policy: the next batch must be complete before the weights change
             with timer.phase("generate_wait"):
                 ray.wait(list(self._pending.values()), num_returns=len(self._pending), fetch_local=False)
@@ -169,15 +176,39 @@ class RLHFLoop:
         times = timer.pop()
         stats.update(times, kl_coef=self.kl.value, step_time=seconds,
                      learner_idle_fraction=max(0.0, 1.0 - stats.pop("learner_busy_seconds") / seconds))
-        if not prefetched:  # a prefetched batch was generated during the previous step: no time of its own here
+        if collected:
+            stats.update(collected.metrics)
+            generated = collected.metrics["dynamic_sampling/generated_tokens"]  # every round's, dropped ones too
+            stats["generate_tokens_per_s"] = generated / times["time/generate"]
+        elif not prefetched:  # a prefetched batch was generated during the previous step: no time of its own here
             stats["generate_tokens_per_s"] = stats["response_length"] * n / times["time/generate"]
         return stats
 
-    def _generate(self, step: int) -> ray.ObjectRef:
-        """Start generating step `step`'s rollouts (its prompts, its seed); a ref to the joined table."""
-        sampling = Sampling.of(self.cfg.generator, seed=_step_seed(self.cfg.run.seed, step))
-        parts = self.roles.generators.generate(self.prompts_ref, self.sampler.shards(step)[0], sampling)
-        return concat_tables.remote(*parts)
+    def _collect(self, step: int) -> Collected:
+        """Dynamic sampling: rounds of generation and reward scoring until the step has prompts_per_step
+        informative groups (see `stages.dynamic_sampling`)."""
+        cfg, roles = self.cfg, self.roles
+        short = collect(
+            self.sampler.shards(step)[0], self.num_prompts,
+            generate=lambda rows, round_: self._generate(step, rows, round_),
+            score=lambda rollouts, n: roles.reward.map_shards(
+                list(range(n)), lambda a, shard: a.score.remote(rollouts, shard)),
+            params=self._params(), prompts_per_step=cfg.algorithm.prompts_per_step,
+            samples=cfg.generator.samples_per_prompt, max_rounds=cfg.algorithm.dynamic_sampling_max_rounds,
+            seed=[cfg.run.seed, step])
+        if short.metrics["dynamic_sampling/shortfall_groups"]:
+            tqdm.write(f"[rlhf] step {step + 1}: dynamic sampling kept "
+                       f"{short.metrics['dynamic_sampling/groups_trained']:.0f} of {cfg.algorithm.prompts_per_step} "
+                       f"groups in {short.metrics['dynamic_sampling/rounds']:.0f} rounds; training on those")
+        return short
+
+    def _generate(self, step: int, rows: Optional[list[int]] = None, round_: int = 0) -> ray.ObjectRef:
+        """Start generating step `step`'s rollouts (its prompts, or `rows`: a dynamic-sampling refill round
+        `round_`; its seed); a ref to the joined table."""
+        seed = _step_seed(self.cfg.run.seed, step) if round_ == 0 else _step_seed(self.cfg.run.seed, step, round_)
+        sampling = Sampling.of(self.cfg.generator, seed=seed)
+        rows = self.sampler.shards(step)[0] if rows is None else rows
+        return concat_tables.remote(*self.roles.generators.generate(self.prompts_ref, rows, sampling))
 
     def train(self, experience: ray.ObjectRef, n: int, step: int) -> dict[str, float]:
         """ppo_epochs passes, each num_minibatches optimizer steps over a seeded shuffle of the rollouts; the
@@ -257,7 +288,9 @@ class RLHFLoop:
         algo = self.cfg.algorithm
         return ExperienceParams(advantage=algo.advantage, kl_coef=self.kl.value, kl_estimator=algo.kl_estimator,
                                 kl_in_reward=algo.kl_in == "reward", gamma=algo.gamma, lam=algo.lam,
-                                whiten_advantages=algo.whiten_advantages)
+                                whiten_advantages=algo.whiten_advantages,
+                                overlong_buffer=algo.overlong_buffer or 0, overlong_penalty=algo.overlong_penalty,
+                                max_new_tokens=self.cfg.generator.max_new_tokens)
 
     def _rollout_path(self, step: int) -> Optional[str]:
         every = self.cfg.run.save_rollouts_every
@@ -269,5 +302,5 @@ class RLHFLoop:
 PENDING_ROLLOUTS = "pending_rollouts.parquet"
 
 
-def _step_seed(seed: int, step: int) -> int:
-    return int(np.random.default_rng([seed, step, 7]).integers(0, 2**31 - 1))
+def _step_seed(seed: int, step: int, *more: int) -> int:
+    return int(np.random.default_rng([seed, step, 7, *more]).integers(0, 2**31 - 1))

@@ -172,15 +172,17 @@ class Roles:
         return cls(generators, reference, reward, learners, critic, sync, pi_old=not algo.single_update)
 
     def score(self, rollouts: ray.ObjectRef, n: int, policy: bool = True,
-              temperature: Optional[float] = None) -> Scores:
+              temperature: Optional[float] = None, reward: Optional[list[ray.ObjectRef]] = None) -> Scores:
         """Start every scorer on the `n` rows of `rollouts` at once (each group shards the rows). `policy`: also
         the policy's own logprobs and (PPO) the critic's values. `temperature`: the one the reference scores at
-        when the rollouts were not sampled at the training temperature (greedy evaluation: 1)."""
+        when the rollouts were not sampled at the training temperature (greedy evaluation: 1). `reward`: the
+        rows' reward tables when they were scored already (dynamic sampling scores each round to filter it)."""
         rows = list(range(n))
         return Scores(
             reference=self.reference.map_shards(rows, lambda a, shard: a.logprobs.remote(rollouts, shard, temperature))
             if self.reference is not None else [],
-            reward=self.reward.map_shards(rows, lambda a, shard: a.score.remote(rollouts, shard)),
+            reward=reward if reward is not None else self.reward.map_shards(
+                rows, lambda a, shard: a.score.remote(rollouts, shard)),
             old_logprobs=self.learners.response_logprobs(rollouts, n) if policy and self.pi_old else [],
             values=self.critic.response_values(rollouts, n) if policy and self.critic is not None else None)
 

@@ -16,6 +16,7 @@ from rlhf_ray.rollout.experience import (
     ExperienceParams,
     build_experience,
     kl_rows,
+    pad_experience,
     rows_in_order,
     write_rollouts,
 )
@@ -68,8 +69,9 @@ def _scores_in_order(parts: list[pa.Table], num_rows: int) -> pa.Table:
 
 @ray.remote(num_cpus=0, num_returns=2)
 def make_experience(rollouts: pa.Table, scores: Scores, params: ExperienceParams,
-                    rollout_path: Optional[str]) -> tuple[pa.Table, dict[str, float]]:
-    """Join the scorers' outputs (refs resolved here, not in the driver) and compute advantages."""
+                    rollout_path: Optional[str], pad_to: Optional[int] = None) -> tuple[pa.Table, dict[str, float]]:
+    """Join the scorers' outputs (refs resolved here, not in the driver) and compute advantages. `pad_to`: append
+    empty filler rows up to this many (a dynamic-sampling step short of groups; they weigh nothing)."""
     n = rollouts.num_rows
     ref = rows_in_order(ray.get(scores.reference), n) if scores.reference else None
     rewards = _scores_in_order(ray.get(scores.reward), n)
@@ -78,6 +80,8 @@ def make_experience(rollouts: pa.Table, scores: Scores, params: ExperienceParams
     experience, stats = build_experience(rollouts, ref, rewards, old, values, params)
     if rollout_path:
         write_rollouts(Path(rollout_path), rollouts, experience, kl_rows(experience, params.kl_estimator))
+    if pad_to is not None:
+        experience = pad_experience(experience, pad_to)
     return experience, stats
 
 

@@ -42,7 +42,7 @@ def data(ray_cluster, tmp_path_factory) -> dict[str, Path]:
     return {**sft, **feedback}
 
 
-def pipeline_config(family: str, data: dict[str, Path], out: Path) -> PipelineConfig:
+def pipeline_config(family: str, data: dict[str, Path], out: Path, *overrides: str) -> PipelineConfig:
     return load_config(PipelineConfig, REPO / "configs" / "tiny-cpu" / "pipeline.yaml", [
         f"sft.model.path=tiny:{family}", f"sft.data.train={data['train']}", f"sft.data.eval={data['eval']}",
         "sft.run.max_steps=150", f"sft.run.output_dir={out}", "sft.eval.num_generate=64", "sft.eval.num_print=2",
@@ -54,12 +54,19 @@ def pipeline_config(family: str, data: dict[str, Path], out: Path) -> PipelineCo
         f"rlhf.generator.max_new_tokens={MAX_NEW_TOKENS}", "rlhf.run.max_steps=8", "rlhf.run.eval_every=0",
         "rlhf.run.log_every=1",
         "rlhf.run.save_every=0", "rlhf.run.save_rollouts_every=0", f"rlhf.run.output_dir={out}",
-        "rlhf.eval.num_print=2"])
+        "rlhf.eval.num_print=2", *overrides])
+
+
+# Each family also runs RLHF away from the demo's shape: Llama sampled at temperature 0.7 (the learner and the
+# reference must score the tempered distribution), ChatML at 0.8 and off-policy (step k+1 sampled while step k
+# trains, on weights one update old, corrected by truncated importance sampling).
+FAMILY_RLHF = {"llama": ("rlhf.generator.temperature=0.7",),
+               "chatml": ("rlhf.generator.temperature=0.8", "rlhf.algorithm.off_policy_steps=1")}
 
 
 @pytest.mark.parametrize("family", ["llama", "chatml"])
 def test_pipeline_and_label_generation_on_a_chat_family(family, data, tmp_path):
-    results = run_pipeline(pipeline_config(family, data, tmp_path))
+    results = run_pipeline(pipeline_config(family, data, tmp_path, *FAMILY_RLHF[family]))
 
     sft = [m for m in read_metrics(results["sft"].run_dir) if m["split"] == "eval"]
     # It learns the tasks (graded per position; after 150 steps the Llama shape is the slower learner: 0.39
@@ -71,6 +78,14 @@ def test_pipeline_and_label_generation_on_a_chat_family(family, data, tmp_path):
     rlhf = read_metrics(results["rlhf"].run_dir)
     evals, train = [m for m in rlhf if m["split"] == "eval"], [m for m in rlhf if m["split"] == "train"]
     assert len(train) == 8 and all(math.isfinite(m["reward/reward_model"]) for m in train)
+    # vLLM sampled with the learner's weights at the run's temperature: the learner scores the same
+    # distribution (off-policy, only step 0 samples with the weights it trains from).
+    on_policy = train[:1] if family == "chatml" else train
+    assert all(m["logprob_gap/max"] <= 1e-4 for m in on_policy), [m["logprob_gap/max"] for m in train]
+    if family == "chatml":
+        assert train[0]["rollout_is/ratio"] == pytest.approx(1.0, abs=1e-4)
+        assert any(abs(m["rollout_is/ratio"] - 1.0) > 1e-4 for m in train[1:]), [m["rollout_is/ratio"] for m in train]
+        assert all(0.0 <= m["learner_idle_fraction"] < 1.0 for m in train)
     # The SFT policy stops at its end of turn: answers are a few letters, far below the length limit.
     assert evals[0]["response_length"] < MAX_NEW_TOKENS * 0.75, evals[0]
     # Sampled at temperature 1 too: vLLM stops at the end-of-turn token, not at the length limit.

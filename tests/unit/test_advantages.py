@@ -215,8 +215,8 @@ def test_empty_responses_do_not_crash_and_get_no_advantage(name):
 
 
 def test_table_names_and_critic_needs():
-    assert list(ADVANTAGE_ESTIMATORS) == ["gae", "grpo", "rloo", "reinforce++"]
-    assert [needs_critic(n) for n in ADVANTAGE_ESTIMATORS] == [True, False, False, False]
+    assert list(ADVANTAGE_ESTIMATORS) == ["gae", "grpo", "rloo", "reinforce++", "dr_grpo"]
+    assert [needs_critic(n) for n in ADVANTAGE_ESTIMATORS] == [True, False, False, False, False]
 
 
 def test_unknown_estimator_lists_the_valid_ones():

@@ -85,8 +85,8 @@ def test_sequence_aggregation_by_hand():
 
 
 def test_unknown_aggregation_lists_the_valid_ones():
-    assert set(AGGREGATIONS) == {"token", "sequence"}
-    with pytest.raises(ValueError, match="token, sequence"):
+    assert set(AGGREGATIONS) == {"token", "sequence", "constant"}
+    with pytest.raises(ValueError, match="token, sequence, constant"):
         ppo_policy_loss(RATIO.log(), torch.zeros_like(RATIO), ADV, ONES, EPS, aggregation="batch")
 
 
