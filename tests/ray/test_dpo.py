@@ -64,13 +64,18 @@ def test_dpo_raises_preference_and_checker_accuracy(sft_policy):
     assert all(math.isfinite(m["loss"]) for m in train)
 
 
-def test_resume_continues_the_same_curve(sft_policy):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resume_continues_the_same_curve(sft_policy, lora):
+    """Also with LoRA adapters (`learner.lora`): only they train, the saved policy is merged, the adapter saved."""
     common = ["run.max_steps=6", "run.save_every=3", "learner.micro_batch_size=8", "eval.num_generate=0",
               "eval.at_start=false", f"data.train={sft_policy['ranking_eval']}", "data.eval=null",
               "data.eval_fraction=0.1"]  # a small ranking file: rows of 4 candidates, held-out prompts split off
-    full = run_dpo(dpo_config(sft_policy, "full", *common))
+    if lora:
+        common += ["learner.lora.rank=8", "learner.lr=2e-3"]
+    full = run_dpo(dpo_config(sft_policy, f"full-lora{lora}", *common))
+    assert (full.model_dir / "adapter" / "adapter_config.json").is_file() == lora
     checkpoint = full.run_dir / "checkpoints" / "step_00000003"
-    resumed = run_dpo(dpo_config(sft_policy, "resumed", *common, f"run.resume={checkpoint}"))
+    resumed = run_dpo(dpo_config(sft_policy, f"resumed-lora{lora}", *common, f"run.resume={checkpoint}"))
     a = {m["step"]: m["loss"] for m in split(full.run_dir, "train")}
     b = {m["step"]: m["loss"] for m in split(resumed.run_dir, "train")}
     assert sorted(b) == [4, 5, 6] and a[6] != a[1]
