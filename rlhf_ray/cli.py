@@ -7,6 +7,8 @@
     rlhf-ray synth-data data/generated   # the synthetic task and feedback files the tiny presets use
     rlhf-ray label configs/tiny-cpu/label.yaml server.port=8000   # the labeling page
     rlhf-ray label-summary configs/tiny-cpu/label.yaml            # counts, agreement, A/B win rate
+    rlhf-ray eval runs/rlhf-tiny/model configs/tiny-cpu/rlhf.yaml --baseline runs/sft-tiny/model
+    rlhf-ray report runs/demo-sft runs/demo-rm runs/demo-rlhf     # report.html + plots of run directories
 """
 
 from __future__ import annotations
@@ -121,6 +123,59 @@ def _synth_parser(sub) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def _eval_parser(sub) -> None:
+    from rlhf_ray.stages import evaluate  # light: its heavy imports are inside its functions
+
+    parser = sub.add_parser(
+        "eval", help="Evaluate a policy on held-out prompts (reward, accuracy, KL, length); write A/B files",
+        description=(evaluate.__doc__ or "") + "\nconfig keys (an RLHF config):\n" + config_help(RLHFConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="the policy to evaluate: a model directory, hub name or tiny:<preset>")
+    parser.add_argument("config", nargs="?", help="RLHF YAML config (e.g. configs/tiny-cpu/rlhf.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. eval.num_generate=32")
+    parser.add_argument("--baseline", default=None,
+                        help="model B of the A/B files, evaluated too (default: the reference; none: no A/B files)")
+    parser.add_argument("--reference", default=None,
+                        help="reference of the KL (default: reference.path, else the config's policy.path; "
+                             "none: no KL)")
+    parser.add_argument("--output-dir", default=None,
+                        help="where metrics.json and the A/B files go (default: <run.output_dir>/<run.name>-eval)")
+
+
+def _run_eval(args) -> None:
+    from rlhf_ray.stages.evaluate import plan_eval, run_eval
+
+    config, overrides = _split_config(args.config, args.overrides)
+    cfg = load_config(RLHFConfig, config, overrides)
+    run_eval(plan_eval(cfg, args.model, args.reference, args.baseline, args.output_dir))
+
+
+def _report_parser(sub) -> None:
+    # Takes run directories, not a config: outside the STAGE_RUNNERS / COMMAND_CONFIGS tables.
+    parser = sub.add_parser("report", help="write report.html and PNG plots of one or more run directories",
+                            description="Plots (loss, reward and its components, KL, length, accuracy, logprob "
+                                        "gap, phase times, eval curves, reward vs KL), reward-hacking monitors, "
+                                        "the pipeline's before/after table and sample answers, as report.html.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (runs/<name>)")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default: <run>/report for one run; <parent>/<common name "
+                             "prefix>-report for several)")
+
+
+def _run_report(args: argparse.Namespace) -> None:
+    from rlhf_ray.report.build import write_report
+
+    print(f"[report] {write_report(args.run_dirs, args.out)}")
+
+
+def _split_config(config: Optional[str], overrides: Sequence[str]) -> tuple[Optional[str], list[str]]:
+    """(config file, overrides): a first positional that is an override is not a config file."""
+    overrides = list(overrides)
+    if config is not None and _is_override(config):
+        return None, [config, *overrides]  # only overrides were given
+    return config, overrides
+
+
 def _is_override(arg: str) -> bool:
     """Whether the first positional is a `key=value` override rather than a config file path (an override's
     value may itself end in .yaml, e.g. run.name=a.yaml; a path may hold "=", e.g. configs/lr=3e-4.yaml)."""
@@ -134,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in STAGE_RUNNERS:
         _stage_parser(sub, name)
     _synth_parser(sub)
+    _eval_parser(sub)
+    _report_parser(sub)
     return parser
 
 
@@ -155,6 +212,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                 args.seed))
             for split, path in paths.items():
                 print(f"{split}: {path}")
+            return 0
+        if args.command == "report":  # RUN_DIRs, no config
+            _run_report(args)
+            return 0
+        if args.command == "eval":  # MODEL, then the config and overrides
+            _run_eval(args)
             return 0
         config = args.config
         overrides = list(args.overrides)

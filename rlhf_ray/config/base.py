@@ -130,6 +130,16 @@ class RunConfig:
                                      "local Ray instance with its own temp dir.", None)
     num_cpus: Optional[int] = doc("Logical CPUs of the local Ray instance; null uses the machine's core count.",
                                   None, ge=1)
+    log_level: Literal["info", "debug"] = doc(
+        "What a run prints. info: the stage's own lines and one progress bar; vLLM, Ray and transformers only "
+        "at WARNING, repeated vLLM warnings once. debug: everything (vLLM INFO lines, Ray's log-deduplication "
+        "notices, transformers INFO, Python deprecation warnings of the workers).", "info")
+    loggers: tuple[Literal["tensorboard", "mlflow", "wandb"], ...] = doc(
+        "Experiment trackers that get the metrics besides metrics.jsonl (always written), e.g. [tensorboard, "
+        "mlflow, wandb]: TensorBoard in <run>/tensorboard; MLflow in a file store <run>/mlruns unless "
+        "MLFLOW_TRACKING_URI is set; W&B offline in <run>/wandb unless WANDB_MODE is set. MLflow and W&B need "
+        "`pip install 'rlhf_ray[trackers]'`; one not installed is skipped with a warning. [] : metrics.jsonl only.",
+        ("tensorboard",))
 
     def __post_init__(self):
         if self.max_steps == 0:

@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 import ray
 
 from rlhf_ray.models.tiny import cache_dir
+from rlhf_ray.utils.logs import log_level_scope, ray_driver_level, worker_log_env
 
 
 def worker_env_vars(device: str) -> dict[str, str]:
@@ -46,26 +47,35 @@ def _local_temp_dir() -> str:
 
 
 @contextlib.contextmanager
-def ray_session(address: Optional[str], num_cpus: Optional[int] = None, device: str = "auto") -> Iterator[None]:
+def ray_session(address: Optional[str], num_cpus: Optional[int] = None, device: str = "auto",
+                log_level: str = "info") -> Iterator[None]:
     """Use the Ray already initialised in this process, else join `address` (or `$RAY_ADDRESS`, which a Ray
     job's entrypoint has), else start a local instance.
 
     A local instance gets its own temp dir and `address="local"`, so it never attaches to another cluster on
-    the machine; it is shut down on exit (only what this call started).
+    the machine; it is shut down on exit (only what this call started). `log_level` (`run.log_level`) applies
+    to the driver and to every actor created inside (`rlhf_ray.utils.logs`).
     """
-    if ray.is_initialized():
-        yield
-        return
-    env = {"env_vars": worker_env_vars("cpu" if device == "cpu" else device)}
+    with log_level_scope(log_level):
+        if ray.is_initialized():
+            yield
+            return
+        with _own_ray(address, num_cpus, device, log_level):
+            yield
+
+
+@contextlib.contextmanager
+def _own_ray(address: Optional[str], num_cpus: Optional[int], device: str, log_level: str) -> Iterator[None]:
+    env = {"env_vars": {**worker_env_vars("cpu" if device == "cpu" else device), **worker_log_env(log_level)}}
     # Inside `ray job submit` Ray sets RAY_ADDRESS for the entrypoint: join that cluster. The job's own
     # runtime_env (working_dir, env_vars) then applies; every actor adds its env_vars on top.
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=ray_driver_level(log_level))
     else:
         cpus = max(num_cpus or os.cpu_count() or 1, 1)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, _temp_dir=_local_temp_dir(),
-                 runtime_env=env, log_to_driver=True)
+                 runtime_env=env, log_to_driver=True, logging_level=ray_driver_level(log_level))
     try:
         yield
     finally:

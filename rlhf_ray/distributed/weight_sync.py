@@ -30,6 +30,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rlhf_ray.utils.logs import dropping
+
+# vllm/model_executor/model_loader/reload/layerwise.py logs through this logger (vLLM's `init_logger(__name__)`).
+_LAYERWISE_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
 STORE_PREFIX = "rlhf_ray_weight_sync"
 BACKENDS = ("gloo", "nccl")
 # How long joining the group, or one broadcast, may wait for the other members before it fails (instead of
@@ -291,10 +296,26 @@ class WeightSyncExtension:
                 yield name, tensor
 
         self._rlhf_sums = None  # unknown until this load has finished
-        self.reload_weights(weights_iterator=recorded(), is_checkpoint_format=True)
+        with dropping(_LAYERWISE_LOGGER, self._rlhf_expected_reload_warning):
+            self.reload_weights(weights_iterator=recorded(), is_checkpoint_format=True)
         self._rlhf_refresh_tied_lm_head()
         if record_checksum:
             self._rlhf_sums = sums
+
+    def _rlhf_expected_reload_warning(self, record: Any) -> bool:
+        """vLLM's layerwise reload warns "<layer class>: Failed to load weights" at every sync for layers that
+        the checkpoint format holds no weight of, and puts their start-up tensors back, which is right for
+        them: rotary embeddings (a cos/sin cache computed from the config) and, with tied embeddings, the
+        lm_head (the embedding is its weight; `_rlhf_refresh_tied_lm_head` rebuilds its packed copy next).
+        Only those records: any other layer that fails to load still warns."""
+        suffix = ": Failed to load weights"
+        message = record.getMessage()
+        if not message.endswith(suffix):
+            return False
+        layer = message[:-len(suffix)]
+        head = getattr(self.model_runner.get_model(), "lm_head", None)
+        return layer.endswith("RotaryEmbedding") or (
+            self._rlhf_tied() and head is not None and layer == type(head).__name__)
 
     def _rlhf_refresh_tied_lm_head(self) -> None:
         """With tied embeddings `lm_head.weight` is the embedding's parameter (updated in place by the

@@ -28,6 +28,7 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.config.base import PlacementConfig
+from rlhf_ray.utils.logs import actor_runtime_env
 
 A = TypeVar("A")
 
@@ -116,6 +117,7 @@ class WorkerGroup(Generic[A]):
         self._owns_placement = placement is None
         self.placement_group = placement or reserve(spec)
         remote_cls = actor_cls if hasattr(actor_cls, "remote") else ray.remote(actor_cls)
+        runtime_env = actor_runtime_env(runtime_env)  # the run's log level (run.log_level) for every role
         self.actors: list[A] = [
             remote_cls.options(
                 num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker, name=None,

@@ -90,7 +90,16 @@ class LabelConfig:
     output_dir: str = doc("Directory of judgements.jsonl (every judgement, append-only), feedback.jsonl (the "
                           "latest judgement per annotator and item in reward-model format: `rlhf-ray rm` trains "
                           "on it) and candidates.jsonl (generated responses).", "labels")
-    seed: int = doc("Seed of the order responses are shown in and of generation.", 0, ge=0, le=2**32 - 1)
+    seed: int = doc("Seed of the order responses are shown in, of generation and of select: random.", 0, ge=0,
+                    le=2**32 - 1)
+    select: Literal["order", "random", "uncertainty"] = doc(
+        "Order of the items (and which max_items are kept): order = as in the file; random = shuffled with "
+        "seed; uncertainty = most informative for the reward model first: the smallest margin |r(a) - r(b)| "
+        "with one model in select_models, the largest std of the margin across them with several (the "
+        "closest pair of a ranking item). pairwise and ranking modes.", "order")
+    select_models: tuple[str, ...] = doc(
+        "Reward-model directories that score the candidates for select: uncertainty, e.g. the model/ of an "
+        "`rlhf-ray rm` run; several (runs with other seeds or data) rank by their disagreement.", ())
     max_prompt_length: int = doc("Prompts longer than this many tokens are not generated for (counted).", 256,
                                  ge=1)
     ab: ABConfig = doc("A/B evaluation (mode ab).", default_factory=ABConfig)
@@ -111,6 +120,17 @@ class LabelConfig:
             raise ConfigError(f"rating_step: {self.rating_step:g} must divide rating_scale {scale} into at most "
                               "100 equal steps")
         self._check_sources()
+        self._check_select()
+
+    def _check_select(self) -> None:
+        if self.select == "uncertainty" and not self.select_models:
+            raise ConfigError("select_models: select: uncertainty needs at least one reward-model directory to "
+                              "score the candidates with (the model/ of an `rlhf-ray rm` run)")
+        if self.select_models and self.select != "uncertainty":
+            raise ConfigError(f"select_models: only used with select: uncertainty (select is {self.select})")
+        if self.select == "uncertainty" and self.mode not in ("pairwise", "ranking"):
+            raise ConfigError(f"select: uncertainty ranks by reward margins between responses, for modes pairwise "
+                              f"and ranking; mode {self.mode} needs select: order or random")
 
     def _check_sources(self) -> None:
         if self.model and not self.prompts:

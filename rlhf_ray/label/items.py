@@ -271,4 +271,19 @@ def load_items(cfg: LabelConfig) -> ItemSet:
     if not found.items:
         raise DataError(cfg.candidates or cfg.prompts or "candidates", "no item to label",
                         detail=", ".join(f"{reason}: {n}" for reason, n in found.skipped.items()))
-    return ItemSet(found.items[:cfg.max_items] if cfg.max_items else found.items, found.skipped)
+    items = selection_order(found.items, cfg)
+    return ItemSet(items[:cfg.max_items] if cfg.max_items else items, found.skipped)
+
+
+def selection_order(items: list[LabelItem], cfg: LabelConfig) -> list[LabelItem]:
+    """`items` in the order `cfg.select` asks for (before max_items keeps the first ones)."""
+    if cfg.select == "random":
+        shuffled = list(items)
+        random.Random(cfg.seed).shuffle(shuffled)
+        return shuffled
+    if cfg.select == "uncertainty":
+        # Deferred: scoring loads torch and transformers, which the other orders do not need.
+        from rlhf_ray.label.select import order_by_uncertainty
+
+        return order_by_uncertainty(items, cfg.select_models)
+    return items

@@ -41,6 +41,7 @@ from rlhf_ray.distributed.weight_sync import (
 )
 from rlhf_ray.distributed.worker_group import WorkerGroup, group_spec
 from rlhf_ray.rollout.schema import ROLLOUT_SCHEMA
+from rlhf_ray.utils.logs import current_log_level, quiet_vllm_logging_file
 
 EXTENSION = f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}"
 
@@ -98,6 +99,10 @@ class GeneratorActor:
             raise ValueError(f"generator.in_process={cfg.in_process} but this actor's environment has "
                              f"VLLM_ENABLE_V1_MULTIPROCESSING={os.environ.get('VLLM_ENABLE_V1_MULTIPROCESSING')!r}: "
                              "create it with runtime_env={'env_vars': generator_env_vars(cfg, device)}")
+        quiet = current_log_level() == "info"  # run.log_level, from this actor's runtime_env
+        if quiet and "VLLM_LOGGING_CONFIG_PATH" not in os.environ:  # a user's own config file wins
+            # Read when the engine configures logging, and inherited by its processes (multiprocess mode).
+            os.environ["VLLM_LOGGING_CONFIG_PATH"] = quiet_vllm_logging_file()
         self.cfg, self.device, self.model_path = cfg, device, resolve_model_path(model_path)
         self.dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
         kwargs: dict[str, Any] = {
@@ -105,7 +110,7 @@ class GeneratorActor:
             "tensor_parallel_size": cfg.tensor_parallel_size, "worker_extension_cls": EXTENSION,
             "enforce_eager": cfg.enforce_eager if cfg.enforce_eager is not None else device == "cpu",
             # Logprobs of the sampling distribution (after temperature), not the raw logits' (vLLM's default).
-            "logprobs_mode": "processed_logprobs"}
+            "logprobs_mode": "processed_logprobs", "use_tqdm_on_load": not quiet}
         if device == "cpu":
             # On CPU, gpu_memory_utilization would be a share of the node's RAM; name the KV cache size instead.
             kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kv_cache_gib * 2**30)

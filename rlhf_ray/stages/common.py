@@ -13,9 +13,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
+import yaml
 from tqdm.auto import tqdm
 
 from rlhf_ray.config.base import RunConfig
@@ -84,25 +85,35 @@ def read_trainer_state(checkpoint: Path) -> dict:
 
 
 class MetricsLogger:
-    """Metrics to `metrics.jsonl` (one JSON object per record) and TensorBoard."""
+    """Metrics to `metrics.jsonl` (one JSON object per record) and the experiment trackers of `run.loggers`
+    (`rlhf_ray.trackers`: TensorBoard by default, MLflow, W&B).
 
-    def __init__(self, run_dir: Path):
-        from torch.utils.tensorboard import SummaryWriter
+    `loggers` None: the `run.loggers` of the stage's resolved config, `<run_dir>/config.yaml` (written by
+    `RunDir.prepare` before any logger exists); that config is also what MLflow and W&B record as the run's
+    parameters. Without a config file: TensorBoard only.
+    """
 
+    def __init__(self, run_dir: Path, loggers: Optional[Sequence[str]] = None):
+        from rlhf_ray.trackers import TrackerSet
+
+        config_file = run_dir / "config.yaml"
+        config = (yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}) if config_file.is_file() else {}
+        if loggers is None:
+            loggers = (config.get("run") or {}).get("loggers", RunConfig.loggers)
         self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        self._writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self._trackers = TrackerSet(list(loggers), run_dir, config)
 
     def log(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:
         record = {"step": step, "split": prefix, "time": time.time(), **metrics}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self._writer.add_scalar(f"{prefix}/{key}", value, step)
+        scalars = {key: float(value) for key, value in metrics.items()
+                   if isinstance(value, (int, float)) and math.isfinite(value)}
+        self._trackers.log(step, prefix, scalars)
 
     def close(self) -> None:
         self._file.close()
-        self._writer.close()
+        self._trackers.close()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -41,7 +41,7 @@ def run_dpo(cfg: DPOConfig) -> StageResult:
     load_checker(cfg.eval.checker)  # so is the checker's import path
     RunDir(cfg.run.output_dir, cfg.run.name).find_resume_checkpoint(cfg.run.resume)  # and run.resume
     objective = DPOObjective.of(cfg.loss)
-    with ray_session(cfg.run.ray_address, cfg.run.num_cpus):
+    with ray_session(cfg.run.ray_address, cfg.run.num_cpus, log_level=cfg.run.log_level):
         train, held = data.train, data.eval
         if objective.needs_reference:
             train, held = add_reference_logprobs(cfg, [train, held])

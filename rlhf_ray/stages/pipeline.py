@@ -1,5 +1,6 @@
 """The whole pipeline: SFT -> reward model -> RLHF (mode rm+rlhf) or SFT -> DPO (mode dpo), ending with a
-before/after table (the SFT policy vs the trained one, on the last stage's held-out evaluation)."""
+before/after table (the SFT policy vs the trained one, on the last stage's held-out evaluation) and the run report
+(report.html and plots of every stage, `rlhf_ray.report`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from rlhf_ray.config import PipelineConfig
+from rlhf_ray.report.build import write_report
 from rlhf_ray.stages.common import read_metrics
 from rlhf_ray.stages.dpo import run_dpo
 from rlhf_ray.stages.rlhf import run_rlhf
@@ -28,7 +30,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, StageResult]:
         results["dpo"] = run_dpo(replace(cfg.dpo, model=replace(cfg.dpo.model, path=sft_model)))
     else:
         _run_rm_rlhf(cfg, sft_model, results)
-    tqdm.write(before_after_table(results))
+    table = before_after_table(results)
+    tqdm.write(table)
+    # Next to the stage dirs: <output_dir>/<their common name prefix>-report/ (see report.build.default_out_dir).
+    report = write_report([r.run_dir for r in results.values()], before_after=table)
+    tqdm.write(f"[pipeline] report: {report}")
     return results
 
 

@@ -32,6 +32,7 @@ from rlhf_ray.data.sft import split_eval
 from rlhf_ray.distributed.runtime import ray_session
 from rlhf_ray.distributed.worker_group import shard_rows
 from rlhf_ray.models.loading import load_tokenizer
+from rlhf_ray.report.monitors import MonitorLog
 from rlhf_ray.rewards import load_reward_function
 from rlhf_ray.rewards.checker import load_checker
 from rlhf_ray.roles.generator import Sampling
@@ -41,6 +42,7 @@ from rlhf_ray.stages.common import (
     PhaseTimer,
     RunDir,
     StepSampler,
+    read_metrics,
     read_trainer_state,
     run_steps,
 )
@@ -60,7 +62,8 @@ def run_rlhf(cfg: RLHFConfig) -> StageResult:
     tqdm.write(f"[rlhf] prompts: {json.dumps(stats)}; eval prompts: {eval_prompts.num_rows}")
     run_dir = RunDir(cfg.run.output_dir, cfg.run.name)
     resume_from = run_dir.prepare(cfg, cfg.run.resume)
-    with ray_session(cfg.run.ray_address, max(cfg.run.num_cpus or 0, needed_cpus(cfg)) or None):
+    with ray_session(cfg.run.ray_address, max(cfg.run.num_cpus or 0, needed_cpus(cfg)) or None,
+                     log_level=cfg.run.log_level):
         roles = Roles.create(cfg)
         try:
             loop = RLHFLoop(cfg, roles, ray.put(prompts), prompts.num_rows, ray.put(eval_prompts),
@@ -110,6 +113,7 @@ class RLHFLoop:
         self.kl = make_kl_controller(algo.kl_controller, algo.kl_coef, algo.kl_target, algo.kl_horizon)
         self.logger = MetricsLogger(run_dir.path)
         self.timer = PhaseTimer()
+        self.monitors = MonitorLog()
         # Off-policy: step -> ref to its rollouts, generated during the step before (at most one).
         self._pending: dict[int, ray.ObjectRef] = {}
 
@@ -257,6 +261,9 @@ class RLHFLoop:
             tqdm.write(f"  [step {step}] {prompt!r:44.44} -> {response!r} (score {score:+.3f})")
         self.logger.log(step, metrics, prefix="eval")
         tqdm.write(f"[rlhf] eval @ step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        # Reward-hacking monitors over the whole logged history (train and eval rows), each warning once.
+        for warning in self.monitors.new_warnings(read_metrics(self.run_dir.path)):
+            tqdm.write(str(warning))
         return metrics
 
     def checkpoint(self, step: int) -> None:

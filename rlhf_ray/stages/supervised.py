@@ -57,7 +57,7 @@ def run_supervised(plan: StagePlan, cfg: Any) -> StageResult:
     tqdm.write(f"[{plan.name}] data: {json.dumps(plan.data_stats)}")
     run_dir = RunDir(cfg.run.output_dir, cfg.run.name)
     resume_from = run_dir.prepare(cfg, cfg.run.resume)
-    with ray_session(cfg.run.ray_address, cfg.run.num_cpus):
+    with ray_session(cfg.run.ray_address, cfg.run.num_cpus, log_level=cfg.run.log_level):
         device = cluster_device(cfg.learner.device)
         sampler = StepSampler(plan.train.num_rows, cfg.learner.global_batch_size, cfg.learner.num_ranks,
                               cfg.run.seed)
