@@ -112,14 +112,27 @@ def test_candidate_table_and_reference_column_round_trip(tmp_path, tiny_tokenize
         with_reference(table, [1.0] * 4)
 
 
-def test_objective_loss_matches_plain_transformers_logprobs(tmp_path, tiny_tokenizer, tiny_model_path):
+@pytest.mark.parametrize("preset", ["tiny", "llama", "chatml"])
+def test_objective_loss_matches_plain_transformers_logprobs(tmp_path, preset):
+    """On the three chat families (Llama: end of turn is not EOS and no pad token; ChatML: a newline after the
+    end of turn): each candidate's response tokens end with the end of turn, and the loss is DPO's by hand."""
     from transformers import AutoModelForCausalLM
 
+    from rlhf_ray.config import ModelConfig
+    from rlhf_ray.models.chat import end_of_turn_ids
+    from rlhf_ray.models.loading import load_tokenizer
+    from rlhf_ray.models.tiny import resolve_model_path
+
+    tiny_model_path = resolve_model_path(f"tiny:{preset}")
+    tiny_tokenizer = load_tokenizer(ModelConfig(path=tiny_model_path))
     ranking = {"prompt": "sort\ncab", "responses": ["cab", "abc", "acb"], "ranking": [1, 2, 0]}
     pair = {"prompt": "reverse\nab", "responses": ["ab", "ba"], "ranking": [1, 0]}  # one format per file
     table = load(tmp_path, tiny_tokenizer, [ranking, pair]).train
     ref = [-3.0, -4.0, -5.0, -6.0, -7.0]
     table = with_reference(table, ref)
+    end_of_turn = end_of_turn_ids(tiny_tokenizer)[0]
+    for prompt, seqs in zip(table.column("prompt_ids").to_pylist(), table.column("sequences").to_pylist()):
+        assert all(end_of_turn in seq[len(prompt):] for seq in seqs), (preset, seqs)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
     logps = []
     for prompt, seqs in zip(table.column("prompt_ids").to_pylist(), table.column("sequences").to_pylist()):

@@ -164,6 +164,27 @@ def test_merged_stream_equals_peft_merge_and_unload(tiny_model_path, lora_lm):
     torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["llama", "chatml"])
+def test_other_chat_families_adapt_and_merge(preset):
+    """The Llama and ChatML shapes (Llama: no biases, its own projection names; ChatML: Qwen2 with another
+    template): all-linear adapts every attention and MLP projection, never the head, and the merged stream is
+    peft's merge and computes what the adapted model computes."""
+    from rlhf_ray.models.tiny import ensure_tiny_model
+
+    path = str(ensure_tiny_model(preset))
+    model = _trained(apply_lora(load_causal_lm(ModelConfig(path=path), torch.float32), LoRAConfig(rank=4, alpha=8)))
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora_A" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, adapted
+    merged = dict(iter_full_parameters(model, zero_stage=0, rank=0))
+    reference = _peft_merged(model)
+    assert merged.keys() == reference.keys()
+    assert all(torch.equal(merged[n], reference[n]) for n in merged)
+    plain = load_causal_lm(ModelConfig(path=path), torch.float32)
+    plain.load_state_dict(merged, strict=False)
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def _peft_merged(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """peft's own merge of a copy of `model` (merge_and_unload on the in-place-adapted model)."""
     import copy
