@@ -140,6 +140,19 @@ class RunConfig:
         "MLFLOW_TRACKING_URI is set; W&B offline in <run>/wandb unless WANDB_MODE is set. MLflow and W&B need "
         "`pip install 'rlhf_ray[trackers]'`; one not installed is skipped with a warning. [] : metrics.jsonl only.",
         ("tensorboard",))
+    max_bad_steps: int = doc(
+        "RLHF: steps in a row whose update may be skipped because a reward, advantage, loss or gradient was NaN "
+        "or inf (each is skipped and counted in bad_steps/*) before the run stops naming the step, the phase "
+        "and the statistic. A skipped step changes no weight, so no checkpoint or model is ever non-finite.",
+        3, ge=1)
+    max_restarts: int = doc(
+        "RLHF: times one step may restart a generator, reference or reward actor that died or timed out "
+        "(recreated in its placement bundle, given the current weights, the step retried) before the run stops "
+        "naming the role.", 3, ge=0)
+    resume_override: bool = doc(
+        "Resume even though the model, algorithm or data of this config differ from the checkpoint's run "
+        "(config.yaml of the run directory); by default such a resume is refused and the differences listed.",
+        False)
 
     def __post_init__(self):
         if self.max_steps == 0:

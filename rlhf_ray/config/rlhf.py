@@ -111,6 +111,9 @@ class RewardConfig:
         "(rlhf_ray.rewards.tasks:task_score grades only the synthetic demo tasks).", ())
     clip: Optional[float] = doc("Clip the summed score to [-clip, clip]; null: no clipping.", None, gt=0.0)
     num_actors: int = doc("Reward actors; rollouts are sharded across them.", 1, ge=1)
+    timeout_s: Optional[float] = doc("Longest one reward call (one actor's shard of a step) may take; past it the "
+                                     "actor is taken as hung, restarted and the step retried (run.max_restarts). "
+                                     "null: no limit.", 600.0, gt=0.0)
     placement: PlacementConfig = doc("What each reward actor reserves (gpus null: none; on CUDA a reward model "
                                      "needs a share, e.g. 0.25).", default_factory=_scorer_placement)
 
@@ -133,6 +136,9 @@ class ReferenceConfig:
     placement: PlacementConfig = doc("What each reference actor reserves (gpus null: none; on CUDA it needs a "
                                      "share, e.g. 0.25).", default_factory=_scorer_placement)
     micro_batch_size: int = doc("Sequences per forward pass.", 32, ge=1)
+    timeout_s: Optional[float] = doc("Longest one reference call (one actor's shard of a step) may take; past it "
+                                     "the actor is taken as hung, restarted and the step retried "
+                                     "(run.max_restarts). null: no limit.", 600.0, gt=0.0)
 
     @property
     def gpus_per_actor(self) -> float:

@@ -50,6 +50,12 @@ class WeightSync:
         ray.get(self.learners.init_weight_sync(address, port, world, timeout_s)
                 + self.generators.init_weight_sync(address, port, timeout_s=timeout_s))
 
+    def rejoin(self) -> None:
+        """Form the broadcast group anew (learner rank 0 and every generator, at a fresh port) after a generator
+        was replaced: a collective group cannot take in a new member. The next `sync()` then reaches it."""
+        if self.cfg.transport == "collective":
+            self._join_group(self.cfg.timeout_s)
+
     def sync(self) -> dict[str, float]:
         """Push the learners' current weights to every generator; returns seconds, MB, MB/s (and a check)."""
         began = time.perf_counter()

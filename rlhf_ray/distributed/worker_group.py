@@ -116,25 +116,29 @@ class WorkerGroup(Generic[A]):
         self.spec = spec
         self._owns_placement = placement is None
         self.placement_group = placement or reserve(spec)
-        remote_cls = actor_cls if hasattr(actor_cls, "remote") else ray.remote(actor_cls)
-        runtime_env = actor_runtime_env(runtime_env)  # the run's log level (run.log_level) for every role
-        self.actors: list[A] = [
-            remote_cls.options(
-                num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker, name=None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group,
-                                                                     placement_group_bundle_index=i),
-                runtime_env=runtime_env,
-            ).remote(*args, **kwargs, **(rank_kwargs(i) if rank_kwargs else {}))
-            for i in range(spec.num_workers)
-        ]
+        self._remote_cls = actor_cls if hasattr(actor_cls, "remote") else ray.remote(actor_cls)
+        self._runtime_env = actor_runtime_env(runtime_env)  # the run's log level (run.log_level) for every role
+        self._args, self._kwargs, self._rank_kwargs = args, kwargs, rank_kwargs
+        self.actors: list[A] = [self._create(i) for i in range(spec.num_workers)]
         self.node_ids: list[str] = []
+        self._start_call: Optional[Callable[[A, int], ray.ObjectRef]] = None
         self._started: list[ray.ObjectRef] = []
         self.info: list[Any] = []
         if distributed:
             self._rendezvous()
 
+    def _create(self, rank: int) -> A:
+        """Actor `rank` in bundle `rank` of the group's placement group."""
+        return self._remote_cls.options(
+            num_cpus=self.spec.cpus_per_worker, num_gpus=self.spec.gpus_per_worker, name=None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group,
+                                                                 placement_group_bundle_index=rank),
+            runtime_env=self._runtime_env,
+        ).remote(*self._args, **self._kwargs, **(self._rank_kwargs(rank) if self._rank_kwargs else {}))
+
     def start(self, call: Callable[[A, int], ray.ObjectRef]) -> None:
         """Start each worker's set-up call (`call(actor, rank)`) without waiting; `ready()` waits for it."""
+        self._start_call = call
         self._started, self.info = self.map(call), []
 
     def ready(self) -> list[Any]:
@@ -142,6 +146,21 @@ class WorkerGroup(Generic[A]):
         if self._started and not self.info:
             self.info = ray.get(self._started)
         return self.info
+
+    def restart(self, rank: int) -> None:
+        """Replace actor `rank` (dead or hung) by a new one in the same placement bundle, built with the same
+        arguments, and wait until it is up (its `start` call too). Not for a torch.distributed group: its other
+        ranks hold a process group that the new rank cannot join."""
+        if self.node_ids:
+            raise RuntimeError(f"{self.spec.name}: a rank of a torch.distributed group cannot be restarted alone")
+        ray.kill(self.actors[rank], no_restart=True)  # a hung actor is still running: end it first
+        self.actors[rank] = self._create(rank)
+        if self._start_call is not None:
+            info = ray.get(self._start_call(self.actors[rank], rank))
+            if self.info:
+                self.info[rank] = info
+        else:
+            ray.get(self.actors[rank].__ray_ready__.remote())
 
     def __len__(self) -> int:
         return len(self.actors)

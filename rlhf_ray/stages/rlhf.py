@@ -47,6 +47,7 @@ from rlhf_ray.stages.common import (
     run_steps,
 )
 from rlhf_ray.stages.dynamic_sampling import Collected, collect
+from rlhf_ray.stages.recovery import Recovery, get_fail_fast, shard_ranks, wait_within
 from rlhf_ray.stages.rlhf_roles import Roles, needed_cpus
 from rlhf_ray.stages.rlhf_tasks import concat_tables, make_experience, read_table, summarize_eval, write_table
 from rlhf_ray.stages.supervised import StageResult
@@ -114,6 +115,7 @@ class RLHFLoop:
         self.logger = MetricsLogger(run_dir.path)
         self.timer = PhaseTimer()
         self.monitors = MonitorLog()
+        self.recovery = Recovery(roles, run_dir, cfg.run.max_restarts)
         # Off-policy: step -> ref to its rollouts, generated during the step before (at most one).
         self._pending: dict[int, ray.ObjectRef] = {}
 
@@ -145,9 +147,47 @@ class RLHFLoop:
     def step(self, step: int) -> dict[str, Any]:
         """Generate (or take the batch generated during the previous step), score, make experience, train,
         sync. With algorithm.off_policy_steps=1 the next step's rollouts are generated while this one scores
-        and trains, by the weights of before this step's update; the sync waits for them."""
-        cfg, roles, timer = self.cfg, self.roles, self.timer
+        and trains, by the weights of before this step's update; the sync waits for them. A generator, reference
+        or reward actor that dies or hangs before the update is replaced and the step retried from its start
+        (`stages.recovery`); one that dies during the sync is replaced and the sync redone."""
+        cfg, roles, timer, recovery = self.cfg, self.roles, self.timer, self.recovery
         began = time.perf_counter()
+        prefetched_ref, generator_restarts = self._pending.get(step), recovery.generator_restarts
+
+        def attempt() -> tuple[ray.ObjectRef, dict[str, Any], Optional[Collected], bool]:
+            timer.pop()  # a failed attempt's phases do not count
+            if prefetched_ref is not None and recovery.generator_restarts == generator_restarts:
+                self._pending[step] = prefetched_ref  # (after a generator restart it is regenerated instead)
+            return self._experience(step)
+
+        experience, stats, collected, prefetched = recovery.run(f"step {step + 1}", attempt)
+        n = collected.num_rows if collected else cfg.rollouts_per_step
+        with timer.phase("train"):  # a short dynamic-sampling step's filler rows weigh nothing
+            stats.update(recovery.run(f"step {step + 1} (train)",
+                                      lambda: self.train(experience, cfg.rollouts_per_step, step), retry=False))
+        if self._pending:  # off-policy: the next batch must be complete before the weights change
+            with timer.phase("generate_wait"):
+                ray.wait(list(self._pending.values()), num_returns=len(self._pending), fetch_local=False)
+        with timer.phase("sync"):
+            stats.update(recovery.run(f"step {step + 1} (weight sync)", roles.sync.sync))
+        self.kl.update(stats.get("kl", 0.0), n)  # no KL logged without a reference (the fixed 0 coefficient)
+        seconds = time.perf_counter() - began
+        times = timer.pop()
+        stats.update(times, kl_coef=self.kl.value, step_time=seconds,
+                     learner_idle_fraction=max(0.0, 1.0 - stats.pop("learner_busy_seconds") / seconds))
+        stats.update(recovery.metrics())
+        if collected:
+            stats.update(collected.metrics)
+            generated = collected.metrics["dynamic_sampling/generated_tokens"]  # every round's, dropped ones too
+            stats["generate_tokens_per_s"] = generated / times["time/generate"]
+        elif not prefetched:  # a prefetched batch was generated during the previous step: no time of its own here
+            stats["generate_tokens_per_s"] = stats["response_length"] * n / times["time/generate"]
+        return stats
+
+    def _experience(self, step: int) -> tuple[ray.ObjectRef, dict[str, Any], Optional[Collected], bool]:
+        """Everything of a step before the update: (experience ref, its statistics, the dynamic-sampling
+        collection or None, whether the rollouts were generated during the previous step)."""
+        cfg, roles, timer = self.cfg, self.roles, self.timer
         with timer.phase("generate"):  # with dynamic sampling: every round, its reward scoring and filter
             prefetched = step in self._pending
             collected = self._collect(step) if cfg.algorithm.dynamic_sampling else None
@@ -160,33 +200,28 @@ class RLHFLoop:
             self._pending[step + 1] = self._generate(step + 1)
         n = collected.num_rows if collected else cfg.rollouts_per_step
         with timer.phase("score"):
+            started = time.monotonic()
             scores = roles.score(rollouts, n, reward=collected.rewards if collected else None)
-            pending = scores.refs()
-            ray.wait(pending, num_returns=len(pending), fetch_local=False)
+            self._wait_scores(scores, n, started, scored=collected is not None)
         with timer.phase("advantages"):
             experience, stats_ref = make_experience.options(num_returns=2).remote(
                 rollouts, scores, params=self._params(), rollout_path=self._rollout_path(step),
                 pad_to=cfg.rollouts_per_step if collected else None)
             stats = ray.get(stats_ref)
-        with timer.phase("train"):  # a short dynamic-sampling step's filler rows weigh nothing
-            stats.update(self.train(experience, cfg.rollouts_per_step, step))
-        if self._pending:  # off-policy: the next batch must be complete before the weights change
-            with timer.phase("generate_wait"):
-                ray.wait(list(self._pending.values()), num_returns=len(self._pending), fetch_local=False)
-        with timer.phase("sync"):
-            stats.update(roles.sync.sync())
-        self.kl.update(stats.get("kl", 0.0), n)  # no KL logged without a reference (the fixed 0 coefficient)
-        seconds = time.perf_counter() - began
-        times = timer.pop()
-        stats.update(times, kl_coef=self.kl.value, step_time=seconds,
-                     learner_idle_fraction=max(0.0, 1.0 - stats.pop("learner_busy_seconds") / seconds))
-        if collected:
-            stats.update(collected.metrics)
-            generated = collected.metrics["dynamic_sampling/generated_tokens"]  # every round's, dropped ones too
-            stats["generate_tokens_per_s"] = generated / times["time/generate"]
-        elif not prefetched:  # a prefetched batch was generated during the previous step: no time of its own here
-            stats["generate_tokens_per_s"] = stats["response_length"] * n / times["time/generate"]
-        return stats
+        return experience, stats, collected, prefetched
+
+    def _wait_scores(self, scores: Any, n: int, started: float, scored: bool = False) -> None:
+        """Wait for every scorer's calls; a reward or reference call past its role's timeout_s raises
+        `ScorerTimeout` (its actor is then replaced). `scored`: the reward was computed already."""
+        roles, cfg = self.roles, self.cfg
+        if not scored:
+            wait_within("reward", scores.reward, shard_ranks(n, len(roles.reward.actors)), cfg.reward.timeout_s,
+                        started)
+        if roles.reference is not None:
+            wait_within("reference", scores.reference, shard_ranks(n, len(roles.reference.actors)),
+                        cfg.reference.timeout_s, started)
+        pending = scores.refs()
+        ray.wait(pending, num_returns=len(pending), fetch_local=False)
 
     def _collect(self, step: int) -> Collected:
         """Dynamic sampling: rounds of generation and reward scoring until the step has prompts_per_step
@@ -229,9 +264,9 @@ class RLHFLoop:
                 policy = roles.learners.start_train_step(experience, shard_rows(chunk, roles.learners.num_ranks))
                 critic = (roles.critic.start_train_step(experience, shard_rows(chunk, roles.critic.num_ranks))
                           if roles.critic is not None else None)
-                metrics = ray.get(policy)[0]
+                metrics = get_fail_fast(policy)[0]  # a dead rank's error at once, not after its peer's timeout
                 if critic is not None:
-                    metrics["value_loss"] = ray.get(critic)[0]["loss"]
+                    metrics["value_loss"] = get_fail_fast(critic)[0]["loss"]
                 for key, value in metrics.items():
                     sums[key] = max(sums.get(key, value), value) if key.endswith("/max") else sums.get(key, 0.0) + value
                 updates += 1
@@ -247,13 +282,18 @@ class RLHFLoop:
     # -- evaluation, checkpoints ----------------------------------------------------------------------------
     def evaluate(self, step: int) -> dict[str, Any]:
         """Greedy answers to held-out prompts: reward, task-checker accuracy, KL to the reference, length."""
+        return self.recovery.run(f"evaluation at step {step}", lambda: self._evaluate(step))
+
+    def _evaluate(self, step: int) -> dict[str, Any]:
         roles = self.roles
         rows = list(range(self.num_eval))
         parts = roles.generators.generate(self.eval_ref, rows,
                                           Sampling.greedy(eval_max_new_tokens(self.cfg), seed=self.cfg.run.seed))
         rollouts = concat_tables.remote(*parts)
         # Greedy logprobs come from vLLM untempered: the reference scores them at temperature 1 too.
+        started = time.monotonic()
         scores = roles.score(rollouts, len(rows), policy=False, temperature=scoring_temperature(0.0))
+        self._wait_scores(scores, len(rows), started)
         metrics, samples = ray.get(summarize_eval.remote(rollouts, scores.reference, scores.reward,
                                                           self.cfg.algorithm.kl_estimator, self.cfg.eval.num_print,
                                                           self.cfg.eval.checker))
@@ -284,7 +324,8 @@ class RLHFLoop:
         if self.roles.critic is not None:
             self.roles.critic.load_checkpoint(checkpoint / "critic")
         self.kl.load_state_dict(state["kl_controller"])
-        self.roles.sync.sync()  # the generators started from policy.path: give them the restored weights
+        # The generators started from policy.path: give them the restored weights.
+        self.recovery.run("weight sync after resume", self.roles.sync.sync)
         if state.get("pending_rollouts") and self.cfg.algorithm.off_policy_steps:
             # Generated by the weights one update older than the restored ones: exactly what the run had.
             self._pending[int(state["step"])] = read_table.remote(str(checkpoint / state["pending_rollouts"]))
