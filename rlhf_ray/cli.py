@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 
 from rlhf_ray.config import DPOConfig, PipelineConfig, RLHFConfig, RMConfig, SFTConfig
 from rlhf_ray.config_loader import ConfigError, config_help, load_config
+from rlhf_ray.stages.stops import RoleLostError
 from rlhf_ray.data.errors import DataError
 from rlhf_ray.label.config import LabelConfig
 from rlhf_ray.rewards import RewardFunctionError
@@ -95,6 +96,9 @@ STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOCo
                                   "pipeline": PipelineConfig,
                                   "label": LabelConfig}
 COMMAND_CONFIGS: dict[str, type] = {**STAGE_CONFIGS, "label-summary": STAGE_CONFIGS["label"]}
+# Errors that stop a run cleanly (exit status 3): printed as a message, which names what failed and where the
+# run can continue from, not as a traceback.
+RUN_STOPS: tuple[type[BaseException], ...] = (RoleLostError,)
 HELP_LINES = {"label-summary": "Counts per annotator, agreement between annotators, A/B win rate of the labels "
                                "in a label config's output_dir"}
 
@@ -229,6 +233,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, DataError, RewardFunctionError) as err:
         print(f"rlhf-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RUN_STOPS as err:  # the run stopped for a fault it cannot survive; the message says how to go on
+        print(f"rlhf-ray {args.command}: stopped: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -24,6 +24,7 @@ import ray
 from tqdm.auto import tqdm
 
 from rlhf_ray.distributed.worker_group import shard_rows
+from rlhf_ray.stages.stops import RoleLostError
 
 if TYPE_CHECKING:
     from rlhf_ray.stages.common import RunDir
@@ -35,10 +36,6 @@ RESTARTABLE = ("generator", "reference", "reward")
 # How long a health check waits for an actor's answer. A dead actor answers at once (with its death); one
 # still busy with a call of the failed step does not answer in time and is taken as alive.
 PROBE_SECONDS = 10.0
-
-
-class RoleLostError(RuntimeError):
-    """The run cannot go on: a learner or critic rank died, or a role kept failing past run.max_restarts."""
 
 
 class ScorerTimeout(RuntimeError):
