@@ -13,8 +13,9 @@ that fails while logging is dropped the same way; the run goes on either way.
   uploads later); the project is $WANDB_PROJECT or `rlhf_ray`; files go to `<run dir>/wandb/`.
 
 Resume: the MLflow run id and W&B run id are kept in `<run dir>/trackers.json`, so a resumed stage logs into the
-same tracker run (one curve), never a second run; the steps between the last checkpoint and an interruption are
-logged again, exactly as metrics.jsonl records them again.
+same tracker run (one curve), never a second run. The steps between the last checkpoint and an interruption are
+logged again: metrics.jsonl drops its records of them first (`RunDir.prepare`) and TensorBoard hides the old ones
+(`purge_step`, the first step logged again); MLflow keeps both values of such a step, W&B the first.
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ def warn(message: str) -> None:
 class TensorBoardTracker:
     """`<run dir>/tensorboard/` event files (what every stage wrote before trackers were configurable)."""
 
-    def __init__(self, run_dir: Path, config: dict, ids: dict):
+    def __init__(self, run_dir: Path, config: dict, ids: dict, purge_step: Optional[int] = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(str(run_dir / "tensorboard"))
+        # purge_step: TensorBoard hides the events of earlier files at this step and later (logged again now).
+        self._writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
 
     def log(self, step: int, prefix: str, values: dict[str, float]) -> None:
         for key, value in values.items():
@@ -164,7 +166,7 @@ _PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 class TrackerSet:
     """The trackers of one run directory: opened together, each failure a warning that drops that tracker."""
 
-    def __init__(self, names: Sequence[str], run_dir: Path, config: dict):
+    def __init__(self, names: Sequence[str], run_dir: Path, config: dict, purge_step: Optional[int] = None):
         unknown = [n for n in names if n not in TRACKERS]
         if unknown:
             raise ValueError(f"run.loggers: unknown {unknown}; valid: {', '.join(TRACKER_NAMES)}")
@@ -173,7 +175,9 @@ class TrackerSet:
         self.trackers: dict[str, Any] = {}
         for name in dict.fromkeys(names):  # each once, in the order given
             try:
-                self.trackers[name] = TRACKERS[name](run_dir, config, ids)
+                # Only TensorBoard can hide the steps that a resumed run logs again.
+                extra = {"purge_step": purge_step} if name == "tensorboard" else {}
+                self.trackers[name] = TRACKERS[name](run_dir, config, ids, **extra)
             except ImportError as err:
                 warn(f"run.loggers names {name} but {_PACKAGES[name]} is not installed ({INSTALL_HINT}); "
                      f"skipping it ({err})")

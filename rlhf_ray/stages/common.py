@@ -22,12 +22,20 @@ from tqdm.auto import tqdm
 from rlhf_ray.config.base import RunConfig
 from rlhf_ray.config_loader import ConfigError, save_config
 from rlhf_ray.distributed.worker_group import shard_rows
+from rlhf_ray.stages.durable import fsync_dir, fsync_tree, rewind_metrics, write_json_durably
 
 _CHECKPOINT = re.compile(r"^step_(\d{8})$")
+STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
+RESUME_FILE = "resume.json"        # what the latest start of the run resumed from: {"checkpoint", "step"}
 
 
 class RunDir:
-    """`<output_dir>/<name>/`: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, model/."""
+    """`<output_dir>/<name>/`: config.yaml, resume.json, metrics.jsonl, tensorboard/, checkpoints/, model/.
+
+    Checkpoints survive a kill at any instant: the learners write into `checkpoints/step_N.tmp`, the driver adds
+    trainer_state.json, fsyncs every file and directory of it, renames it `step_N` and fsyncs `checkpoints/`. A
+    `step_N` without trainer_state.json is never listed; a `*.tmp` left by a kill is removed by the next `prepare`.
+    """
 
     def __init__(self, output_dir: str, name: str):
         self.path = Path(output_dir) / name
@@ -35,16 +43,41 @@ class RunDir:
         self.model = self.path / "model"
 
     def prepare(self, cfg: Any, resume: str) -> Optional[Path]:
-        """Create the directory, write the resolved config, and return the checkpoint to resume from."""
+        """Create the directory and return the checkpoint to resume from, after checking that `cfg` may resume
+        it (`resume_check`: same model, algorithm and data unless run.resume_override). Then remove staging
+        dirs of checkpoints that were never committed, drop the metrics logged after the checkpoint (the run
+        that stopped logged them; this one logs those steps again), and write the resolved config."""
+        from rlhf_ray.stages.resume_check import check_resume_config
+
         checkpoint = self.find_resume_checkpoint(resume)
+        if checkpoint is not None:
+            check_resume_config(cfg, checkpoint, cfg.run.resume_override)  # before config.yaml is overwritten
         self.path.mkdir(parents=True, exist_ok=True)
+        self.remove_stale_staging()
+        step = read_trainer_state(checkpoint)["step"] if checkpoint is not None else None
+        rewind_metrics(self.path / "metrics.jsonl", step)
+        write_json_durably(self.path / RESUME_FILE, {"checkpoint": checkpoint and str(checkpoint), "step": step})
         save_config(cfg, self.path / "config.yaml")
         return checkpoint
 
     def list_checkpoints(self) -> list[Path]:
+        """The complete checkpoints (`step_N` directories holding trainer_state.json), oldest first."""
         if not self.checkpoints.is_dir():
             return []
-        return sorted(p for p in self.checkpoints.iterdir() if _CHECKPOINT.match(p.name) and p.is_dir())
+        return sorted(p for p in self.checkpoints.iterdir()
+                      if _CHECKPOINT.match(p.name) and (p / STATE_FILE).is_file())
+
+    def remove_stale_staging(self) -> None:
+        """Remove the `*.tmp` directories of checkpoints whose writing was interrupted (never renamed final)."""
+        if not self.checkpoints.is_dir():
+            return
+        stale = sorted(p for p in self.checkpoints.iterdir() if p.name.endswith(".tmp"))
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+            tqdm.write(f"[run] removed {path}: a checkpoint being written when an earlier run stopped"
+                       + (" (could not remove all of it)" if path.exists() else ""))
+        if stale:
+            fsync_dir(self.checkpoints)
 
     def find_resume_checkpoint(self, resume: str) -> Optional[Path]:
         existing = self.list_checkpoints()
@@ -56,8 +89,11 @@ class RunDir:
                                   f"({existing[-1].name}); use run.resume=auto or another run.name")
             return None
         path = Path(resume)
-        if not (path / "trainer_state.json").is_file():
-            raise ConfigError(f"run.resume: {path} is not a checkpoint directory (no trainer_state.json)")
+        if path.name.endswith(".tmp"):  # complete-looking maybe, but never committed (and prepare removes it)
+            raise ConfigError(f"run.resume: {path} is a checkpoint whose writing was interrupted; name a "
+                              "checkpoints/step_N directory or use run.resume=auto")
+        if not (path / STATE_FILE).is_file():
+            raise ConfigError(f"run.resume: {path} is not a checkpoint directory (no {STATE_FILE})")
         return path
 
     def checkpoint_path(self, step: int) -> Path:
@@ -70,23 +106,39 @@ class RunDir:
         return path
 
     def commit_checkpoint(self, staging: Path, step: int, state: dict, keep: int) -> Path:
-        """Write the driver's state into a fully written staging dir, rename it final, prune old ones."""
-        (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        """Write the driver's state into a fully written staging dir, make all of it durable, rename it final,
+        prune old ones. A kill at any point leaves the previous checkpoints complete."""
+        (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
+        fsync_tree(staging)  # contents on disk before the rename makes them a checkpoint
         final = self.checkpoint_path(step)
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():  # the same step again (a resume from an older checkpoint): set the old one aside
+            self._discard(final)
         os.replace(staging, final)
+        fsync_dir(self.checkpoints)  # the rename itself on disk
         for old in self.list_checkpoints()[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            self._discard(old)
+        fsync_dir(self.checkpoints)
         return final
+
+    def _discard(self, checkpoint: Path) -> None:
+        # Renamed first (atomic), so that a kill while deleting leaves a *.tmp, never a part-deleted step_N that
+        # still holds its trainer_state.json.
+        aside = checkpoint.with_name(checkpoint.name + ".old.tmp")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(checkpoint, aside)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def read_trainer_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / "trainer_state.json").read_text())
+    return json.loads((checkpoint / STATE_FILE).read_text())
 
 
 class MetricsLogger:
     """Metrics to `metrics.jsonl` (one JSON object per record) and the experiment trackers of `run.loggers`
     (`rlhf_ray.trackers`: TensorBoard by default, MLflow, W&B).
+
+    A resumed run's metrics.jsonl was rewound to the checkpoint's step by `RunDir.prepare`, and TensorBoard is
+    told to hide its records after that step (`purge_step`), so each step appears once.
 
     `loggers` None: the `run.loggers` of the stage's resolved config, `<run_dir>/config.yaml` (written by
     `RunDir.prepare` before any logger exists); that config is also what MLflow and W&B record as the run's
@@ -101,7 +153,7 @@ class MetricsLogger:
         if loggers is None:
             loggers = (config.get("run") or {}).get("loggers", RunConfig.loggers)
         self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        self._trackers = TrackerSet(list(loggers), run_dir, config)
+        self._trackers = TrackerSet(list(loggers), run_dir, config, purge_step=_purge_step(run_dir))
 
     def log(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:
         record = {"step": step, "split": prefix, "time": time.time(), **metrics}
@@ -114,6 +166,16 @@ class MetricsLogger:
     def close(self) -> None:
         self._file.close()
         self._trackers.close()
+
+
+def _purge_step(run_dir: Path) -> Optional[int]:
+    """The first step this start of the run logs again, from `RunDir.prepare`'s resume.json (None without
+    one): TensorBoard hides what the run that stopped logged from there on, as `rewind_metrics` drops it."""
+    resume_file = run_dir / RESUME_FILE
+    if not resume_file.is_file():
+        return None
+    step = json.loads(resume_file.read_text()).get("step")
+    return 0 if step is None else int(step) + 1
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
