@@ -1,7 +1,12 @@
 """The labeling web app: one page and a small JSON API; every request needs an annotator's token.
 
-Routes (each needs `Authorization: Bearer <token>` or `?token=<token>`; without a valid one: 401, nothing done):
-- `GET /`: the page (`page.html`: HTML and inline JS, no build step);
+Routes (each needs the token as `Authorization: Bearer <token>` (scripts), the page's cookie, or `?token=<token>`;
+without a valid one: 401, nothing done):
+- `GET /`: the page (`page.html`: HTML and inline JS, no build step). Opened as `/?token=<token>` (the address
+  the server prints, or a bookmark), it answers with a redirect to `/` that sets the token as an HttpOnly,
+  SameSite=Strict cookie (Secure when the request came over https), so the token leaves the address bar,
+  the history, screenshots and Referer headers; the page's script then calls the API with the cookie alone.
+  The cookie's name carries the port: two label servers on one host do not overwrite each other's;
 - `GET /api/state`: mode, rating scale, the item ids in order with this annotator's done flags, where to start;
 - `GET /api/items/{id}`: the prompt, the responses in this annotator's shuffled order, their earlier judgement;
 - `POST /api/items/{id}/judgement`: a judgement (`judgements` module), on disk before the reply.
@@ -25,7 +30,7 @@ from typing import Any, Mapping, Optional, Sequence
 import uvicorn
 import yaml
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
 from rlhf_ray.config_loader import ConfigError
@@ -61,11 +66,29 @@ def find_annotator(tokens: Mapping[str, str], presented: Optional[str]) -> Optio
     return found
 
 
+def cookie_name(request: Request) -> str:
+    """The token cookie of this server: cookies are per host, not per port, hence the port in the name."""
+    port = request.url.port or (443 if request.url.scheme == "https" else 80)
+    return f"rlhf_label_token_{port}"
+
+
 def presented_token(request: Request) -> Optional[str]:
+    """The token a request carries: a Bearer header first, then `?token=` (a new link beats an old cookie),
+    then the cookie."""
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
         return header[7:].strip()
-    return request.query_params.get("token")
+    if "token" in request.query_params:
+        return request.query_params["token"]
+    return request.cookies.get(cookie_name(request))
+
+
+def token_to_cookie(request: Request, token: str) -> RedirectResponse:
+    """The answer to `GET /?token=...`: a redirect to `/` that sets the token as this server's cookie."""
+    response = RedirectResponse("/", status_code=303)
+    response.set_cookie(cookie_name(request), token, httponly=True, samesite="strict", path="/",
+                        secure=request.url.scheme == "https")
+    return response
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
@@ -101,7 +124,10 @@ def _authenticator(tokens: Mapping[str, str]):
                                            "send 'Authorization: Bearer YOUR_TOKEN'"}, status_code=401,
                                 headers={**SECURITY_HEADERS, "WWW-Authenticate": "Bearer"})
         request.state.annotator = annotator
-        response = await call_next(request)
+        if request.method == "GET" and request.url.path == "/" and "token" in request.query_params:
+            response = token_to_cookie(request, presented_token(request))
+        else:
+            response = await call_next(request)
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
         return response
@@ -223,5 +249,5 @@ def serve(cfg: LabelConfig) -> None:
     store = JudgementStore(cfg.output_dir, cfg.mode)
     app = create_app(cfg, found.items, store, tokens)
     print("\n".join(startup_lines(cfg, found.items, found.skipped, store, tokens, generated)), flush=True)
-    # No access log: the page's address carries the annotator's token.
+    # No access log: the first address an annotator opens carries their token (`/?token=...`).
     uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, access_log=False, log_level="warning")

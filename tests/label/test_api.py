@@ -37,6 +37,10 @@ def log_bytes(server) -> bytes:
     return path.read_bytes() if path.exists() else b""
 
 
+def by_key(row: dict) -> tuple[str, str]:
+    return row["annotator"], row["item_id"]
+
+
 def first_item(server) -> str:
     return server.items[0].item_id
 
@@ -158,9 +162,48 @@ def test_concurrent_annotators_never_mix_lines(server):
     records, bad = read_log(Path(server.cfg.output_dir) / LOG_FILE)
     assert bad == 0 and len(records) == len(jobs) == 54
     # The reward-model file is exactly the latest judgement of each (annotator, item), in whatever order the
-    # requests landed.
+    # requests landed (the file's order is that of the latest judgements).
     latest = latest_by_key(records).values()
     assert len(latest) == 6
-    expected = [row for record in latest for row in rm_rows(record)]
-    assert [json.loads(line) for line in (Path(server.cfg.output_dir) / FEEDBACK_FILE).read_text().splitlines()] \
-        == expected
+    expected = sorted((row for record in latest for row in rm_rows(record)), key=by_key)
+    feedback = [json.loads(line) for line in (Path(server.cfg.output_dir) / FEEDBACK_FILE).read_text().splitlines()]
+    assert sorted(feedback, key=by_key) == expected
+
+
+def test_the_token_link_sets_a_cookie_and_redirects_to_a_clean_address(server):
+    name = f"rlhf_label_token_{server.port}"
+    with httpx.Client(base_url=server.base) as client:
+        response = client.get("/", params={"token": TOKENS["alice"]})
+        assert response.status_code == 303 and response.headers["location"] == "/"
+        cookie = response.headers["set-cookie"]
+        assert cookie.startswith(f"{name}={TOKENS['alice']};")
+        attributes = {part.strip().split("=")[0].lower() for part in cookie.split(";")[1:]}
+        assert {"httponly", "samesite", "path"} <= attributes and "secure" not in attributes  # plain http
+        assert "samesite=strict" in cookie.lower() and response.headers["cache-control"] == "no-store"
+        # Behind a TLS proxy (uvicorn trusts X-Forwarded-Proto from 127.0.0.1), the cookie is Secure.
+        proxied = client.get("/", params={"token": TOKENS["alice"]}, headers={"X-Forwarded-Proto": "https"})
+        assert proxied.status_code == 303 and "; secure" in proxied.headers["set-cookie"].lower()
+        # A link with a wrong token is refused, not redirected, and sets nothing.
+        wrong = client.get("/", params={"token": "wrong-token-0123456789"})
+        assert wrong.status_code == 401 and "set-cookie" not in wrong.headers
+
+
+def test_the_cookie_alone_authenticates_and_a_wrong_one_is_refused(server):
+    name = f"rlhf_label_token_{server.port}"
+    item = first_item(server)
+    with httpx.Client(base_url=server.base) as client:
+        alice = {"Cookie": f"{name}={TOKENS['alice']}"}
+        page = client.get("/", headers=alice)
+        assert page.status_code == 200 and "set-cookie" not in page.headers
+        assert client.get("/api/state", headers=alice).json()["annotator"] == "alice"
+        assert client.post(f"/api/items/{item}/judgement", json={"choice": 0}, headers=alice).status_code == 200
+        for cookie in (f"{name}=wrong-token-0123456789", f"{name}=", f"rlhf_label_token_1={TOKENS['alice']}",
+                       f"token={TOKENS['alice']}"):
+            for method, path in (("GET", "/"), ("GET", "/api/state"), ("POST", f"/api/items/{item}/judgement")):
+                response = client.request(method, path, headers={"Cookie": cookie},
+                                          json={"choice": 1} if method == "POST" else None)
+                assert response.status_code == 401, (cookie, path)
+        # Scripts keep the header, and a bookmarked ?token= still works on the API.
+        assert client.get("/api/state", headers=ALICE).status_code == 200
+        assert client.get("/api/state", params={"token": TOKENS["bob"]}).json()["annotator"] == "bob"
+    assert [r["verdict"] for r in read_log(Path(server.cfg.output_dir) / LOG_FILE)[0]] == ["preferred"]  # one

@@ -260,6 +260,36 @@ def test_wrong_or_missing_token_gets_401_and_writes_nothing(page, serve_labels, 
     assert (out / LOG_FILE).read_bytes() == b"" and read_jsonl(out / FEEDBACK_FILE) == []
 
 
+def test_the_token_leaves_the_address_and_the_page_works_on_its_cookie(page, serve_labels, candidates, tmp_path):
+    out = tmp_path / "out"
+    server = serve_labels(label_config(out, f"candidates={candidates['label_pairs']}"))
+    requests = []
+    page.on("request", lambda request: requests.append(request))
+    response = page.goto(server.page_url())
+    assert page.url == f"{server.base}/" and response.status == 200
+    assert response.request.redirected_from.url == server.page_url()  # the one address with the token
+    at(page, 0, 4, 1)
+    assert page.evaluate("document.cookie") == ""                      # HttpOnly: no script can read it
+    page.go_back()                                                     # the history holds no token address
+    assert TOKENS["alice"] not in page.url
+    page.go_forward()
+    at(page, 0, 4, 1)
+    page.keyboard.press("1")                                           # judging works on the cookie alone
+    at(page, 1, 4, 2)
+    page.reload()                                                      # so does a reload of the clean address
+    at(page, 1, 4, 2)
+    later = requests[1:]
+    assert len(later) >= 5 and all(TOKENS["alice"] not in r.url for r in later)
+    assert all("authorization" not in r.headers for r in later)
+    assert [r["annotator"] for r in read_jsonl(out / LOG_FILE)] == ["alice"] and len(read_jsonl(out / FEEDBACK_FILE)) == 1
+    # Another browser without the cookie, at the clean address: refused.
+    other = page.context.browser.new_context()
+    try:
+        assert other.new_page().goto(f"{server.base}/").status == 401
+    finally:
+        other.close()
+
+
 def test_model_text_is_shown_as_text_never_as_html(page, serve_labels, tmp_path):
     prompt = 'Say <b>hi</b><script>window.pwned = "prompt"</script>'
     responses = ['<img src=x onerror="window.pwned = 1">', '</div><h1 id="injected">big</h1>\n  two lines']
