@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 
 from rlhf_ray.config import DPOConfig, PipelineConfig, RLHFConfig, RMConfig, SFTConfig
 from rlhf_ray.config_loader import ConfigError, config_help, load_config
+from rlhf_ray.stages.guards import BadStepsError
 from rlhf_ray.stages.stops import RoleLostError
 from rlhf_ray.data.errors import DataError
 from rlhf_ray.label.config import LabelConfig
@@ -98,7 +99,7 @@ STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOCo
 COMMAND_CONFIGS: dict[str, type] = {**STAGE_CONFIGS, "label-summary": STAGE_CONFIGS["label"]}
 # Errors that stop a run cleanly (exit status 3): printed as a message, which names what failed and where the
 # run can continue from, not as a traceback.
-RUN_STOPS: tuple[type[BaseException], ...] = (RoleLostError,)
+RUN_STOPS: tuple[type[BaseException], ...] = (RoleLostError, BadStepsError)
 HELP_LINES = {"label-summary": "Counts per annotator, agreement between annotators, A/B win rate of the labels "
                                "in a label config's output_dir"}
 

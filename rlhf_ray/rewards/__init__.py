@@ -6,14 +6,14 @@ A reward function is any callable
 
 named in the config as `package.module:function`. It gets the rendered prompts, the decoded responses and
 each prompt row's metadata (the dataset's extra fields: `task`, `input`, `reference`, ...), and returns one
-finite float per response. A function that raises, or returns the wrong count or a non-finite value, stops
-the run with an error naming the function.
+float per response. A function that raises, or returns the wrong count or something that is not a number,
+stops the run with an error naming the function. A NaN or infinite value is passed on as it is: the reward
+actor warns about it and the RLHF loop's bad-step guard skips the step (`run.max_bad_steps`).
 """
 
 from __future__ import annotations
 
 import importlib
-import math
 from typing import Callable, Sequence
 
 RewardFunction = Callable[[list[str], list[str], list[dict]], Sequence[float]]
@@ -47,7 +47,7 @@ def load_reward_function(path: str) -> RewardFunction:
 
 def call_reward_function(path: str, fn: RewardFunction, prompts: list[str], responses: list[str],
                          metadata: list[dict]) -> list[float]:
-    """Call `fn` and check its answer: one finite float per response."""
+    """Call `fn` and check its answer: one float per response (NaN and infinities are passed on)."""
     try:
         values = fn(prompts, responses, metadata)
     except Exception as err:  # the user's code: report which function failed, with its error
@@ -61,10 +61,6 @@ def call_reward_function(path: str, fn: RewardFunction, prompts: list[str], resp
     if len(values) != len(responses):
         raise RewardFunctionError(f"reward function {path} returned {len(values)} values for "
                                   f"{len(responses)} responses")
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-    if bad:
-        raise RewardFunctionError(f"reward function {path} returned a non-finite value ({values[bad[0]]}) "
-                                  f"for response {bad[0]}: {responses[bad[0]]!r:.60}")
     return values
 
 

@@ -102,6 +102,7 @@ class RewardActor:
         self.device = "cuda" if device == "cuda" else "cpu"
         self.micro_batch_size = micro_batch_size
         self.functions = [(f.path, load_reward_function(f.path), f.weight) for f in cfg.functions]
+        self._warned: set[str] = set()  # components already warned about for non-finite scores
         self.model: Optional[torch.nn.Module] = None
         if cfg.model:
             self._load_reward_model(cfg.model)
@@ -165,6 +166,8 @@ class RewardActor:
         return table.add_column(0, "row", pa.array(list(rows), pa.int64()))
 
     def _score(self, rollouts: pa.Table) -> pa.Table:
+        """(score, score/<component>...): the weighted sum and each component. A NaN or infinite score is
+        passed on as it is (the driver's bad-step guard skips the step), with a warning naming the component."""
         from rlhf_ray.rewards import call_reward_function
 
         n = rollouts.num_rows
@@ -181,12 +184,21 @@ class RewardActor:
                 values = call_reward_function(path, fn, prompts, responses, metadata)
                 columns[f"score/{path.rpartition(':')[2]}"] = values
                 total = [t + weight * v for t, v in zip(total, values)]
-        # Checked before clipping: min/max would turn a NaN into +clip and hide it.
-        if not all(math.isfinite(t) for t in total):
-            raise ValueError("the reward model produced a non-finite score (check the model and its stats)")
-        if self.cfg.clip is not None:
-            total = [max(-self.cfg.clip, min(self.cfg.clip, t)) for t in total]
+        self._warn_non_finite(columns)
+        if self.cfg.clip is not None:  # min/max would turn NaN into +clip and inf into a finite score: keep them
+            total = [max(-self.cfg.clip, min(self.cfg.clip, t)) if math.isfinite(t) else t for t in total]
         table = pa.Table.from_pydict({"score": total}, schema=REWARD_SCHEMA)
         for name, values in columns.items():
             table = table.append_column(name, pa.array(values, pa.float32()))
         return table
+
+    def _warn_non_finite(self, columns: dict[str, list[float]]) -> None:
+        """Warn once per actor and component about its first non-finite scores (rows of this batch)."""
+        for name, values in columns.items():
+            rows = [i for i, v in enumerate(values) if not math.isfinite(v)]
+            if rows and name not in self._warned:
+                self._warned.add(name)
+                what = "the reward model" if name == "score/reward_model" else f"reward function {name[6:]}"
+                warnings.warn(f"{what} gave non-finite scores ({values[rows[0]]}) to {len(rows)} of {len(values)} "
+                              f"rollouts (batch rows {rows[:8]}); the step is skipped by the bad-step guard "
+                              "(run.max_bad_steps). Warned once per component.", RuntimeWarning, stacklevel=2)

@@ -74,7 +74,9 @@ def _explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch
 def build_experience(rollouts: pa.Table, ref_logprobs: Optional[list[list[float]]], rewards: pa.Table,
                      old_logprobs: Optional[list[list[float]]], values: Optional[list[list[float]]],
                      params: ExperienceParams) -> tuple[pa.Table, dict[str, float]]:
-    """The experience table (EXPERIENCE_SCHEMA) and the step's statistics (reward, KL, length, gap, ...).
+    """The experience table (EXPERIENCE_SCHEMA) and the step's statistics (reward, KL, length, gap, ...,
+    and `nonfinite/rewards` (rows) and `nonfinite/advantages` (response tokens): counts of NaN or inf values,
+    which are kept as they are in the table).
 
     `old_logprobs` None: the learners did not score pi_old (a batch trained in one optimizer step, whose
     training forward is pi_old): the sampling policy's logprobs stand in for the KL to the reference, and the
@@ -97,6 +99,10 @@ def build_experience(rollouts: pa.Table, ref_logprobs: Optional[list[list[float]
         advantages = masked_whiten(advantages, mask)
     lengths = mask.sum(-1)
     stats = {
+        # Counted before anything could hide them: NaN and inf pass through every estimator (the step is then
+        # skipped by the driver's bad-step guard, stages.guards).
+        "nonfinite/rewards": float((~torch.isfinite(scores)).sum()),
+        "nonfinite/advantages": float((~torch.isfinite(advantages) & (mask > 0)).sum()),
         "reward/mean": float(scores.mean()), "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
         "response_length": float(lengths.mean()),
         "truncated_fraction": sum(r == "length" for r in rollouts.column("finish_reason").to_pylist()) / len(lengths),

@@ -47,6 +47,7 @@ from rlhf_ray.stages.common import (
     run_steps,
 )
 from rlhf_ray.stages.dynamic_sampling import Collected, collect
+from rlhf_ray.stages.guards import BadStepGuard
 from rlhf_ray.stages.recovery import Recovery, get_fail_fast, shard_ranks, wait_within
 from rlhf_ray.stages.rlhf_roles import Roles, needed_cpus
 from rlhf_ray.stages.rlhf_tasks import concat_tables, make_experience, read_table, summarize_eval, write_table
@@ -116,6 +117,7 @@ class RLHFLoop:
         self.timer = PhaseTimer()
         self.monitors = MonitorLog()
         self.recovery = Recovery(roles, run_dir, cfg.run.max_restarts)
+        self.guard = BadStepGuard(cfg.run.max_bad_steps)
         # Off-policy: step -> ref to its rollouts, generated during the step before (at most one).
         self._pending: dict[int, ray.ObjectRef] = {}
 
@@ -162,20 +164,29 @@ class RLHFLoop:
 
         experience, stats, collected, prefetched = recovery.run(f"step {step + 1}", attempt)
         n = collected.num_rows if collected else cfg.rollouts_per_step
-        with timer.phase("train"):  # a short dynamic-sampling step's filler rows weigh nothing
-            stats.update(recovery.run(f"step {step + 1} (train)",
-                                      lambda: self.train(experience, cfg.rollouts_per_step, step), retry=False))
+        # A NaN/inf reward or advantage: no update at all (the learners never see the batch).
+        bad = self._bad(step, stats, "score or advantages")
+        if not bad:
+            with timer.phase("train"):  # a short dynamic-sampling step's filler rows weigh nothing
+                trained = recovery.run(f"step {step + 1} (train)",
+                                       lambda: self.train(experience, cfg.rollouts_per_step, step), retry=False)
+            stats.update(trained)
+            # A non-finite loss or gradient: the learners skipped that update (weights, moments, LR as they were).
+            bad = trained["skipped_updates"] > 0 and self._bad(step, trained, "train", phase="train")
         if self._pending:  # off-policy: the next batch must be complete before the weights change
             with timer.phase("generate_wait"):
                 ray.wait(list(self._pending.values()), num_returns=len(self._pending), fetch_local=False)
-        with timer.phase("sync"):
-            stats.update(recovery.run(f"step {step + 1} (weight sync)", roles.sync.sync))
-        self.kl.update(stats.get("kl", 0.0), n)  # no KL logged without a reference (the fixed 0 coefficient)
+        if not bad:
+            with timer.phase("sync"):
+                stats.update(recovery.run(f"step {step + 1} (weight sync)", roles.sync.sync))
+            self.kl.update(stats.get("kl", 0.0), n)  # no KL logged without a reference (the fixed 0 coefficient)
+        self.guard.record(bad)  # raises BadStepsError after run.max_bad_steps bad steps in a row
         seconds = time.perf_counter() - began
         times = timer.pop()
+        busy = stats.pop("learner_busy_seconds", 0.0)
         stats.update(times, kl_coef=self.kl.value, step_time=seconds,
-                     learner_idle_fraction=max(0.0, 1.0 - stats.pop("learner_busy_seconds") / seconds))
-        stats.update(recovery.metrics())
+                     learner_idle_fraction=max(0.0, 1.0 - busy / seconds))
+        stats.update(recovery.metrics(), **self.guard.metrics())
         if collected:
             stats.update(collected.metrics)
             generated = collected.metrics["dynamic_sampling/generated_tokens"]  # every round's, dropped ones too
@@ -183,6 +194,14 @@ class RLHFLoop:
         elif not prefetched:  # a prefetched batch was generated during the previous step: no time of its own here
             stats["generate_tokens_per_s"] = stats["response_length"] * n / times["time/generate"]
         return stats
+
+    def _bad(self, step: int, stats: dict[str, Any], what: str, phase: Optional[str] = None) -> bool:
+        """Whether `stats` hold a non-finite value or a non-zero `nonfinite/` count (`stages.guards`); says so."""
+        name = self.guard.check(step + 1, phase, stats)
+        if name is not None:
+            tqdm.write(f"[rlhf] step {step + 1}: {name}={stats[name]} in the {what}; the step's update is skipped "
+                       f"({self.guard.in_a_row + 1} in a row; run.max_bad_steps={self.guard.max_bad_steps})")
+        return name is not None
 
     def _experience(self, step: int) -> tuple[ray.ObjectRef, dict[str, Any], Optional[Collected], bool]:
         """Everything of a step before the update: (experience ref, its statistics, the dynamic-sampling
@@ -266,15 +285,19 @@ class RLHFLoop:
                           if roles.critic is not None else None)
                 metrics = get_fail_fast(policy)[0]  # a dead rank's error at once, not after its peer's timeout
                 if critic is not None:
-                    metrics["value_loss"] = get_fail_fast(critic)[0]["loss"]
+                    value = get_fail_fast(critic)[0]
+                    metrics.update(value_loss=value["loss"], critic_skipped=value.get("skipped", 0.0))
                 for key, value in metrics.items():
                     sums[key] = max(sums.get(key, value), value) if key.endswith("/max") else sums.get(key, 0.0) + value
                 updates += 1
         lifted = ("logprob_gap/", "rollout_is/")  # rollout-policy statistics the learner measured: top level
+        own = ("value_loss", "critic_skipped", "tokens", "busy_seconds")
         out = {k if k.startswith(lifted) else f"policy/{k}": v if k.endswith("/max") else v / updates
-               for k, v in sums.items() if k not in ("value_loss", "tokens", "busy_seconds")}
+               for k, v in sums.items() if k not in own}
         if "value_loss" in sums:
             out["value_loss"] = sums["value_loss"] / updates
+        # Updates a learner skipped for a non-finite loss or gradient (policy and critic): the step is bad.
+        out["skipped_updates"] = sums.get("skipped", 0.0) + sums.get("critic_skipped", 0.0)
         out["train_tokens_per_s"] = sums.get("tokens", 0.0) / (time.perf_counter() - began)
         out["learner_busy_seconds"] = sums.get("busy_seconds", 0.0)
         return out
@@ -311,7 +334,8 @@ class RLHFLoop:
         self.roles.learners.save_checkpoint(staging / "policy")
         if self.roles.critic is not None:
             self.roles.critic.save_checkpoint(staging / "critic")
-        state = {"step": step, "stage": "rlhf", "kl_controller": self.kl.state_dict()}
+        state = {"step": step, "stage": "rlhf", "kl_controller": self.kl.state_dict(),
+                 "bad_steps": self.guard.state_dict()}
         if step in self._pending:  # off-policy: the batch generated on the weights before this checkpoint's
             ray.get(write_table.remote(self._pending[step], str(staging / PENDING_ROLLOUTS)))
             state["pending_rollouts"] = PENDING_ROLLOUTS
@@ -324,6 +348,7 @@ class RLHFLoop:
         if self.roles.critic is not None:
             self.roles.critic.load_checkpoint(checkpoint / "critic")
         self.kl.load_state_dict(state["kl_controller"])
+        self.guard.load_state_dict(state.get("bad_steps", {}))
         # The generators started from policy.path: give them the restored weights.
         self.recovery.run("weight sync after resume", self.roles.sync.sync)
         if state.get("pending_rollouts") and self.cfg.algorithm.off_policy_steps:

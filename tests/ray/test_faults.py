@@ -148,3 +148,42 @@ def test_a_killed_learner_rank_stops_the_run_and_resume_continues_the_curve(runs
     monkeypatch.setattr(LearnerGroup, "start_train_step", original)
     result = run_rlhf(config(runs["data"], runs["out"], "learner-killed", *overrides, "run.resume=auto"))
     assert_same_curve(train_rows(result.run_dir), runs["full"])
+
+
+def test_nan_rewards_skip_the_update_and_too_many_in_a_row_stop_the_run(runs, monkeypatch):
+    """Injected NaN rewards: step 2 is skipped and the run goes on (step 3 trains); steps 4 and 5 are too, and
+    with run.max_bad_steps=2 the run stops at step 5 naming it. Every checkpoint written is finite."""
+    import torch
+
+    from rlhf_ray.stages.guards import BadStepsError
+
+    nans = drill_file("reward_nans")
+    experience = RLHFLoop._experience
+
+    def injecting(self, step):
+        if step in (1, 3):
+            nans.parent.mkdir(parents=True, exist_ok=True)
+            nans.write_text("1" if step == 1 else "2")  # the step's reward call (and the next one) return NaN
+        return experience(self, step)
+
+    monkeypatch.setattr(RLHFLoop, "_experience", injecting)
+    try:
+        with pytest.raises(BadStepsError, match=r"2 steps in a row.*run.max_bad_steps=2.*step 5, phase score, "
+                                                r"statistic 'nonfinite/rewards'"):
+            run_rlhf(config(runs["data"], runs["out"], "nan", "run.max_steps=6", "run.max_bad_steps=2",
+                            "run.save_every=1", "run.keep_checkpoints=6",
+                            "reward.functions=[{path: 'rlhf_ray.rewards.drills:nan_then_task_score'}]"))
+    finally:
+        nans.unlink(missing_ok=True)
+    run_dir = runs["out"] / "nan"
+    rows = {m["step"]: m for m in train_rows(run_dir)}
+    assert sorted(rows) == [1, 2, 3, 4]  # step 5 stopped the run before it was logged
+    assert [rows[s]["bad_steps/skipped"] for s in (1, 2, 3, 4)] == [0, 1, 0, 1]
+    assert [rows[s]["bad_steps/total"] for s in (1, 2, 3, 4)] == [0, 1, 1, 2]
+    assert math.isnan(rows[2]["reward/mean"]) and rows[2]["nonfinite/rewards"] == 8
+    assert "policy/loss" not in rows[2] and math.isfinite(rows[3]["policy/loss"])  # step 2 never trained
+    checkpoints = sorted((run_dir / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == [f"step_{s:08d}" for s in (1, 2, 3, 4)]
+    for checkpoint in checkpoints:
+        states = torch.load(checkpoint / "policy" / "state" / "mp_rank_00_model_states.pt", weights_only=False)
+        assert all(torch.isfinite(t).all() for t in states["module"].values()), checkpoint

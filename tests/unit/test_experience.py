@@ -174,6 +174,36 @@ def test_stats_without_critic():
     assert "explained_variance" not in stats and "value/mean" not in stats
 
 
+def test_finite_steps_count_no_non_finite_values():
+    _, stats = build(params())
+    assert stats["nonfinite/rewards"] == 0.0 and stats["nonfinite/advantages"] == 0.0
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo", "rloo", "reinforce++", "dr_grpo"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_score_is_counted_and_kept_not_hidden(advantage, bad):
+    scores = pa.table({"score": pa.array([bad, 0.0, 0.5, -0.5], pa.float32()),
+                       "score/task_score": pa.array(TASK_SCORES, pa.float32())})
+    table, stats = build_experience(rollouts(), REF_LP, scores, OLD_LP, VALUES if advantage == "gae" else None,
+                                    params(advantage, whiten_advantages=True))
+    assert stats["nonfinite/rewards"] == 1.0
+    advantages = table.column("advantages").to_pylist()
+    # Row 0's tokens at least; whitening (gae) and the batch baseline (reinforce++) spread it to every token.
+    nonfinite = sum(not math.isfinite(a) for row in advantages for a in row)
+    assert nonfinite >= len(RESPONSES[0]) and stats["nonfinite/advantages"] == nonfinite
+    if advantage in ("grpo", "rloo", "dr_grpo"):  # the other group is untouched
+        assert all(math.isfinite(a) for row in advantages[2:] for a in row)
+    assert not math.isfinite(stats["reward/mean"]) and not math.isfinite(stats["advantage/mean"])
+    assert not math.isfinite(table.column("score")[0].as_py())  # the table keeps it, no nan_to_num
+
+
+def test_non_finite_values_reach_the_advantages_not_the_reward_count():
+    values = [list(VALUES[0]), [], [math.nan] + VALUES[2][1:], list(VALUES[3])]
+    _, stats = build(params("gae"), values)
+    assert stats["nonfinite/rewards"] == 0.0
+    assert 1.0 <= stats["nonfinite/advantages"] <= len(RESPONSES[2])  # GAE runs backwards: tokens up to the NaN
+
+
 def test_kl_stat_uses_the_chosen_estimator():
     _, stats = build(params(kl_estimator="k2"))
     kl_per_seq = [sum(0.5 * (o - r) ** 2 for o, r in zip(old, ref)) for old, ref in zip(OLD_LP, REF_LP)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pyarrow as pa
 import pytest
@@ -183,8 +184,25 @@ def test_reward_model_and_rules_are_summed_with_their_weights(reward_model_dir, 
     assert out.column_names == ["row", "score", "score/reward_model", "score/task_score"]
 
 
-def test_a_non_finite_model_score_is_an_error_even_when_clipped(reward_model_dir, table, monkeypatch):
-    actor = RewardActor(RewardConfig(model=str(reward_model_dir), clip=1.0), "cpu")
-    monkeypatch.setattr(actor, "_model_scores", lambda rollouts: [math.nan] * rollouts.num_rows)
-    with pytest.raises(ValueError, match="non-finite"):
-        actor.score(table, [0, 1])
+def test_a_non_finite_model_score_stays_non_finite_when_clipped_and_warns_once(reward_model_dir, table, monkeypatch):
+    actor = RewardActor(RewardConfig(model=str(reward_model_dir), clip=1.0, functions=(
+        RewardFunctionConfig(TASK_SCORE, 1.0),)), "cpu")
+    monkeypatch.setattr(actor, "_model_scores", lambda rollouts: [math.nan, math.inf, -math.inf, 0.5][:rollouts.num_rows])
+    with pytest.warns(RuntimeWarning, match=r"the reward model gave non-finite scores \(nan\) to 3 of 4 rollouts "
+                                            r"\(batch rows \[0, 1, 2\]\)"):
+        out = actor.score(table, [0, 1, 2, 3])
+    scores = out.column("score").to_pylist()
+    assert math.isnan(scores[0]) and scores[1] == math.inf and scores[2] == -math.inf  # never clipped to +-1
+    assert scores[3] == pytest.approx(min(1.0, 0.5 + CHECKER[3]))  # finite totals are still clipped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per actor and component
+        assert math.isnan(actor.score(table, [0]).column("score")[0].as_py())
+
+
+def test_a_nan_from_a_reward_function_is_passed_on_and_named(table):
+    actor = rule_actor(1.0)
+    actor.functions = [(TASK_SCORE, lambda p, r, m: [math.nan] + [1.0] * (len(r) - 1), 1.0)]
+    with pytest.warns(RuntimeWarning, match=rf"reward function {TASK_SCORE.rpartition(':')[2]} gave non-finite"):
+        out = actor.score(table, [2, 3])
+    assert math.isnan(out.column("score")[0].as_py()) and out.column("score")[1].as_py() == 1.0
+    assert math.isnan(out.column("score/task_score")[0].as_py())
