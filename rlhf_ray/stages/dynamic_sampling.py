@@ -52,8 +52,11 @@ def keep_informative(rollouts: pa.Table, rewards: pa.Table, params: ExperiencePa
     groups = torch.tensor(rollouts.column("group").to_pylist(), dtype=torch.long)
     keep = informative_groups(groups, scores)
     rows = pa.array(torch.nonzero(keep).squeeze(1).tolist(), pa.int64())  # typed: the list may be empty
+    # A NaN score makes its group look uninformative (NaN compares false): counted, so that the step is
+    # skipped as a bad one (stages.guards) rather than trained on the other groups as if nothing happened.
     counts = {"groups": len(set(groups.tolist())), "kept": len(set(groups[keep].tolist())),
-              "tokens": sum(len(r) for r in rollouts.column("response_ids").to_pylist())}
+              "tokens": sum(len(r) for r in rollouts.column("response_ids").to_pylist()),
+              "nonfinite": int((~torch.isfinite(scores)).sum())}
     return rollouts.take(rows), rewards.take(rows), counts
 
 
@@ -100,7 +103,7 @@ def collect(first_rows: list[int], num_prompts: int, generate: Callable[[list[in
     for the refill prompts."""
     kept: list[ray.ObjectRef] = []
     used, rows = list(first_rows), list(first_rows)
-    groups = kept_groups = tokens = rounds = 0
+    groups = kept_groups = tokens = rounds = nonfinite = 0
     last: Optional[tuple[ray.ObjectRef, list, int]] = None
     while rows and rounds < max_rounds and kept_groups < prompts_per_step:
         rollouts = generate(rows, rounds)
@@ -108,6 +111,7 @@ def collect(first_rows: list[int], num_prompts: int, generate: Callable[[list[in
         kept_rows, kept_rewards, counts_ref = filter_round.remote(rollouts, parts, params)
         counts = ray.get(counts_ref)
         groups, kept_groups, tokens = groups + counts["groups"], kept_groups + counts["kept"], tokens + counts["tokens"]
+        nonfinite += counts["nonfinite"]
         kept += [kept_rows, kept_rewards]
         last, rounds = (rollouts, parts, len(rows) * samples), rounds + 1
         rows = refill_prompts(num_prompts, used, prompts_per_step, [*seed, rounds])
@@ -116,7 +120,7 @@ def collect(first_rows: list[int], num_prompts: int, generate: Callable[[list[in
     metrics = {"dynamic_sampling/rounds": float(rounds), "dynamic_sampling/groups_dropped": float(groups - kept_groups),
                "dynamic_sampling/groups_kept": float(kept_groups), "dynamic_sampling/groups_trained": float(trained),
                "dynamic_sampling/shortfall_groups": float(prompts_per_step - trained),
-               "dynamic_sampling/generated_tokens": float(tokens)}
+               "dynamic_sampling/generated_tokens": float(tokens), "dynamic_sampling/nonfinite_rewards": float(nonfinite)}
     if trained == 0:  # nothing informative at all: train on the last round as it is (zero advantages)
         assert last is not None
         return Collected(last[0], last[1], last[2], metrics)

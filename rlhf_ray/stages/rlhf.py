@@ -227,6 +227,8 @@ class RLHFLoop:
                 rollouts, scores, params=self._params(), rollout_path=self._rollout_path(step),
                 pad_to=cfg.rollouts_per_step if collected else None)
             stats = ray.get(stats_ref)
+        if collected:  # NaN rewards of every round, dropped ones too (see dynamic_sampling.keep_informative)
+            stats["nonfinite/rewards"] = collected.metrics["dynamic_sampling/nonfinite_rewards"]
         return experience, stats, collected, prefetched
 
     def _wait_scores(self, scores: Any, n: int, started: float, scored: bool = False) -> None:

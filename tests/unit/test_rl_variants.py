@@ -247,13 +247,23 @@ def test_keep_informative_filters_a_round_on_the_shaped_scores():
                         "score/task": pa.array([1.0, 1.0, 0.0, 1.0, 0.0, 0.0], pa.float32())})
     kept, kept_rewards, counts = keep_informative(rollouts, rewards, _params(max_new_tokens=4))
     assert kept.column("group").to_pylist() == [1, 1] and kept_rewards.column("score").to_pylist() == [0.0, 1.0]
-    assert counts == {"groups": 3, "kept": 1, "tokens": 10}
+    assert counts == {"groups": 3, "kept": 1, "tokens": 10, "nonfinite": 0}
     shaped = _params(max_new_tokens=4, overlong_buffer=2, overlong_penalty=1.0)
     kept, kept_rewards, counts = keep_informative(rollouts, rewards, shaped)
     assert kept.column("group").to_pylist() == [1, 1, 2, 2] and counts["kept"] == 2
     assert kept_rewards.column_names == ["score", "score/task"]  # unshaped: the experience shapes them once
     none, none_rewards, counts = keep_informative(rollouts.take([0, 1]), rewards.take([0, 1]), shaped)
     assert none.num_rows == none_rewards.num_rows == 0 and counts["kept"] == 0
+
+
+def test_keep_informative_counts_nan_scores_which_drop_their_group():
+    # NaN compares false, so a group with a NaN score looks uninformative: dropped, but counted (the step is
+    # then skipped as a bad one by the driver's guard, not trained on the other groups as if all were well).
+    rollouts = _rollouts([[1], [2], [1], [2]], [0, 0, 1, 1])
+    rewards = pa.table({"score": pa.array([float("nan"), 1.0, 0.0, 1.0], pa.float32())})
+    kept, _, counts = keep_informative(rollouts, rewards, _params(max_new_tokens=4))
+    assert kept.column("group").to_pylist() == [1, 1]
+    assert counts["nonfinite"] == 1 and counts["kept"] == 1
 
 
 def test_join_kept_takes_the_first_groups_of_the_rounds_in_order():
