@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -146,8 +147,12 @@ def test_a_killed_learner_rank_stops_the_run_and_resume_continues_the_curve(runs
                                             r"run.resume=auto"):
         run_rlhf(config(runs["data"], runs["out"], "learner-killed", *overrides))
     monkeypatch.setattr(LearnerGroup, "start_train_step", original)
+    began = time.perf_counter()
     result = run_rlhf(config(runs["data"], runs["out"], "learner-killed", *overrides, "run.resume=auto"))
-    assert_same_curve(train_rows(result.run_dir), runs["full"])
+    rows = train_rows(result.run_dir)
+    assert_same_curve(rows, runs["full"])
+    print(f"resumed run: {time.perf_counter() - began:.1f} s for steps 3-4 and the final evaluation "
+          f"(steps 3-4 took {sum(m['step_time'] for m in rows[2:]):.1f} s); 1 step redone, none lost")
 
 
 def test_nan_rewards_skip_the_update_and_too_many_in_a_row_stop_the_run(runs, monkeypatch):
