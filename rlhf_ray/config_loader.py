@@ -272,6 +272,19 @@ def to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict (`to_dict`, or a loaded config.yaml) as dotted keys -> values; lists and empty
+    sections stay whole values."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically)."""
     path = Path(path)

@@ -30,6 +30,8 @@ from typing import Any, Optional, Protocol, Sequence
 
 from tqdm.auto import tqdm
 
+from rlhf_ray.config_loader import flatten
+
 TRACKER_NAMES = ("tensorboard", "mlflow", "wandb")
 IDS_FILE = "trackers.json"
 INSTALL_HINT = "pip install 'rlhf_ray[trackers]'"
@@ -75,16 +77,9 @@ def mlflow_key(prefix: str, key: str) -> str:
     return f"{prefix}/{_MLFLOW_BAD.sub('_', key.replace('/', '.'))}"
 
 
-def flatten(config: dict, prefix: str = "") -> dict[str, str]:
+def flat_params(config: dict) -> dict[str, str]:
     """A nested config as dotted keys -> string values (MLflow parameters)."""
-    out: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = json.dumps(value) if not isinstance(value, str) else value
-    return out
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in flatten(config).items()}
 
 
 class MLflowTracker:
@@ -108,7 +103,7 @@ class MLflowTracker:
             experiment = self.client.get_experiment_by_name(name)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
             self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
-            params = [Param(_MLFLOW_BAD.sub("_", k)[:250], v[:6000]) for k, v in flatten(config).items()]
+            params = [Param(_MLFLOW_BAD.sub("_", k)[:250], v[:6000]) for k, v in flat_params(config).items()]
             for i in range(0, len(params), 100):  # log_batch takes at most 100 parameters per call
                 self.client.log_batch(self.run_id, params=params[i:i + 100])
         ids["mlflow"] = self.run_id

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import yaml
 from tqdm.auto import tqdm
 
-from rlhf_ray.config_loader import ConfigError, to_dict
+from rlhf_ray.config_loader import ConfigError, flatten, to_dict
 
 # The keys a resumed run must share with the run that wrote its checkpoint, by why. A prefix covers every key
 # under it (`algorithm` is the whole section). A stage compares only the keys its config has: SFT has no `loss`,
@@ -35,18 +35,6 @@ RESUME_LOCKED_KEYS: dict[str, tuple[str, ...]] = {
     # checkpoint is a step number into that order).
     "data": ("data.train", "data.eval", "data.split", "data.eval_fraction"),
 }
-
-
-def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested config dict as dotted keys -> values (lists stay whole values)."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
 
 
 def is_locked(key: str) -> bool:

@@ -5,25 +5,19 @@ The script is imported by path; none of this needs trl.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_vs_trl.py"
+from tests.scripts import script_module
+
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_vs_trl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_vs_trl"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_vs_trl", None)
+    with script_module("bench_vs_trl") as module:
+        yield module
 
 
 def test_steady_median_skips_the_first_two_steps(bench):

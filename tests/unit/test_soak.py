@@ -5,25 +5,19 @@ The script is imported by path; none of this starts Ray.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "soak_rlhf.py"
+from tests.scripts import script_module
+
 MB = 2**20
 
 
 @pytest.fixture(scope="module")
 def soak():
-    spec = importlib.util.spec_from_file_location("soak_rlhf", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["soak_rlhf"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("soak_rlhf", None)
+    with script_module("soak_rlhf") as module:
+        yield module
 
 
 def test_sample_points_are_the_first_step_every_n_and_the_last(soak):
