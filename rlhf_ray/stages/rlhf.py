@@ -247,12 +247,11 @@ class RLHFLoop:
     def _collect(self, step: int) -> Collected:
         """Dynamic sampling: rounds of generation and reward scoring until the step has prompts_per_step
         informative groups (see `stages.dynamic_sampling`)."""
-        cfg, roles = self.cfg, self.roles
+        cfg = self.cfg
         short = collect(
             self.sampler.shards(step)[0], self.num_prompts,
             generate=lambda rows, round_: self._generate(step, rows, round_),
-            score=lambda rollouts, n: roles.reward.map_shards(
-                list(range(n)), lambda a, shard: a.score.remote(rollouts, shard)),
+            score=self._score_round,
             params=self._params(), prompts_per_step=cfg.algorithm.prompts_per_step,
             samples=cfg.generator.samples_per_prompt, max_rounds=cfg.algorithm.dynamic_sampling_max_rounds,
             seed=[cfg.run.seed, step])
@@ -261,6 +260,14 @@ class RLHFLoop:
                        f"{short.metrics['dynamic_sampling/groups_trained']:.0f} of {cfg.algorithm.prompts_per_step} "
                        f"groups in {short.metrics['dynamic_sampling/rounds']:.0f} rounds; training on those")
         return short
+
+    def _score_round(self, rollouts: ray.ObjectRef, n: int) -> list[ray.ObjectRef]:
+        """A dynamic-sampling round's reward calls, waited for within reward.timeout_s (a hung reward actor is
+        then replaced and the step retried, as in the score phase)."""
+        reward, started = self.roles.reward, time.monotonic()
+        refs = reward.map_shards(list(range(n)), lambda a, shard: a.score.remote(rollouts, shard))
+        wait_within("reward", refs, shard_ranks(n, len(reward.actors)), self.cfg.reward.timeout_s, started)
+        return refs
 
     def _generate(self, step: int, rows: Optional[list[int]] = None, round_: int = 0) -> ray.ObjectRef:
         """Start generating step `step`'s rollouts (its prompts, or `rows`: a dynamic-sampling refill round

@@ -118,12 +118,13 @@ def test_killed_and_hung_scorers_and_generator_are_replaced_with_no_step_lost(ru
 
 
 def test_a_reward_function_that_keeps_hanging_stops_the_run_naming_the_role(runs):
+    """With dynamic sampling, whose rounds call the reward themselves (the timeout holds there too)."""
     drill_file().parent.mkdir(parents=True, exist_ok=True)
     drill_file().write_text("5")
     try:
         with pytest.raises(RoleLostError, match=r"step 1: reward 0 failed again \(hung.*run.max_restarts=1"):
             run_rlhf(config(runs["data"], runs["out"], "hangs", "reward.timeout_s=4", "run.max_restarts=1",
-                            "run.max_steps=1"))
+                            "run.max_steps=1", "algorithm.dynamic_sampling=true"))
     finally:
         left = drill_file().read_text()
         drill_file().unlink(missing_ok=True)
