@@ -31,6 +31,7 @@ from rlhf_ray.roles.dpo_objective import DPOObjective
 from rlhf_ray.roles.learner import LearnerGroup
 from rlhf_ray.roles.scorers import ReferenceActor
 from rlhf_ray.stages.common import RunDir
+from rlhf_ray.stages.resume_check import check_resume_config
 from rlhf_ray.stages.sft import print_samples, score_answers
 from rlhf_ray.stages.supervised import StagePlan, StageResult, run_supervised
 
@@ -39,7 +40,9 @@ def run_dpo(cfg: DPOConfig) -> StageResult:
     tokenizer = load_tokenizer(cfg.model)
     data = load_dpo_data(cfg.data, tokenizer, cfg.run.seed)  # validated before Ray starts
     load_checker(cfg.eval.checker)  # so is the checker's import path
-    RunDir(cfg.run.output_dir, cfg.run.name).find_resume_checkpoint(cfg.run.resume)  # and run.resume
+    checkpoint = RunDir(cfg.run.output_dir, cfg.run.name).find_resume_checkpoint(cfg.run.resume)  # run.resume
+    if checkpoint is not None:  # and what it resumes, before the reference logprobs are spent on it
+        check_resume_config(cfg, checkpoint, cfg.run.resume_override, quiet=True)
     objective = DPOObjective.of(cfg.loss)
     with ray_session(cfg.run.ray_address, cfg.run.num_cpus, log_level=cfg.run.log_level):
         train, held = data.train, data.eval

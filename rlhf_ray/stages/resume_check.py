@@ -61,15 +61,19 @@ def _show(value: Any) -> str:
     return "null" if value is None else repr(value) if isinstance(value, str) else str(value)
 
 
-def check_resume_config(cfg: Any, checkpoint: Path, override: bool) -> Optional[list[tuple[str, Any, Any]]]:
+def check_resume_config(cfg: Any, checkpoint: Path, override: bool,
+                        quiet: bool = False) -> Optional[list[tuple[str, Any, Any]]]:
     """Compare `cfg` with the config.yaml of `checkpoint`'s run directory (`<run>/checkpoints/step_N`).
 
     Returns the locked differences (empty: none; None: that run has no config.yaml to compare with). Raises
     ConfigError listing them unless `override`, in which case they are printed and the resume goes on.
+    `quiet`: print nothing (an early check; `RunDir.prepare` checks again and says it then).
     """
     old_file = checkpoint.parent.parent / "config.yaml"
     if not old_file.is_file():
-        tqdm.write(f"[resume] {old_file} is missing: the config of the run that wrote {checkpoint} is not compared")
+        if not quiet:
+            tqdm.write(f"[resume] {old_file} is missing: the config of the run that wrote {checkpoint} is not "
+                       "compared")
         return None
     old = yaml.safe_load(old_file.read_text(encoding="utf-8")) or {}
     # Through YAML as config.yaml is written, so that the two sides have the same types (lists, floats).
@@ -81,7 +85,7 @@ def check_resume_config(cfg: Any, checkpoint: Path, override: bool) -> Optional[
             f"config's ({old_file} -> this config):\n{describe(differences)}\nResuming would continue that run's "
             "state under another experiment. Set run.resume_override=true to resume anyway, or give this "
             "config another run.name to start a new run.")
-    if differences:
+    if differences and not quiet:
         tqdm.write(f"[resume] run.resume_override=true: resuming {checkpoint} although these keys differ from "
                    f"{old_file}:\n{describe(differences)}")
     return differences

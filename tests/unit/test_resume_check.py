@@ -125,6 +125,24 @@ def test_dpo_and_reward_model_lock_their_loss_section(tmp_path, cls, base, chang
         run.prepare(load_config(cls, None, [*base, change]), "auto")
 
 
+def test_dpo_refuses_a_changed_resume_before_starting_ray_or_its_reference(tmp_path, tiny_tokenizer, monkeypatch):
+    import rlhf_ray.stages.dpo as dpo
+
+    rows = [{"prompt": f"sort\n{w}", "chosen": "".join(sorted(w)), "rejected": w} for w in ("cab", "zyx", "fed")]
+    train = tmp_path / "pairs.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["model.path=tiny:tiny", f"data.train={train}", "data.eval_fraction=0.0", f"run.output_dir={tmp_path}",
+            "run.name=d"]
+    started(RunDir(str(tmp_path), "d"), load_config(DPOConfig, None, base))
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started (and the reference logprobs would be computed) before the resume check")
+
+    monkeypatch.setattr(dpo, "ray_session", no_ray)
+    with pytest.raises(ConfigError, match="  loss.beta: "):
+        dpo.run_dpo(load_config(DPOConfig, None, [*base, "loss.beta=0.7"]))
+
+
 def test_locked_keys_are_prefixes_and_keys_of_only_one_config_are_not_compared():
     assert is_locked("algorithm.kl_coef") and is_locked("loss.beta") and is_locked("model.path")
     assert not is_locked("algorithms.x") and not is_locked("model.pathology") and not is_locked("run.max_steps")
