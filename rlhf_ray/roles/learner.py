@@ -28,6 +28,7 @@ from rlhf_ray.distributed.worker_group import (
     shard_rows,
 )
 from rlhf_ray.roles.objectives import Objective, accumulate, step_metrics
+from rlhf_ray.roles.step_guard import deepspeed_checks, guarded_step, skip_metrics
 
 
 class Learner(DistributedWorker):
@@ -114,11 +115,9 @@ class Learner(DistributedWorker):
         global_count, global_tokens = self._all_reduce(local)
         scale = self.world_size * self.cfg.grad_accum / max(global_count, 1.0)
         totals: dict[str, float] = {}
-        # A step with a non-finite loss or gradient norm on any rank is skipped on all (stages.guards). DeepSpeed's
-        # ZeRO 1-3 optimizers and its fp16/bf16 wrappers skip it themselves (they have `overflow`); a plain torch
-        # optimizer (fp32, ZeRO 0) does not, so that one is guarded here.
+        # A step with a non-finite loss or gradient norm on any rank is skipped on all (`roles.step_guard`).
         skipped_before, nonfinite_loss, own_norm = self.engine.skipped_steps, 0.0, None
-        guard_here = not hasattr(self.engine.optimizer, "overflow")
+        guard_here = not deepspeed_checks(self.engine)
         for i, batch in enumerate(batches):
             out = self.objective.loss(self.engine, batch.to(self.engine.device))
             loss = out.loss_sum * scale
@@ -130,7 +129,8 @@ class Learner(DistributedWorker):
                     loss = loss * float("nan")  # a NaN gradient norm everywhere: DeepSpeed's own check skips
             self.engine.backward(loss)
             if boundary and guard_here:
-                own_norm = self._guarded_step(skip=nonfinite_loss > 0)
+                own_norm = guarded_step(self.engine, nonfinite_loss > 0,
+                                        lambda value: self._all_reduce([value], op="max")[0])
             else:
                 self.engine.step()
             accumulate(totals, out)
@@ -146,43 +146,9 @@ class Learner(DistributedWorker):
         grad_norm = self.engine.get_global_grad_norm() if own_norm is None else own_norm
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
-        metrics.update(self._skip_metrics(self.engine.skipped_steps > skipped_before, nonfinite_loss, grad_norm))
+        metrics.update(skip_metrics(self.rank, self.cfg.zero_stage, self.engine.skipped_steps > skipped_before,
+                                    nonfinite_loss, grad_norm))
         return metrics
-
-    def _skip_metrics(self, skipped: bool, nonfinite_loss: float, grad_norm: Optional[float]) -> dict[str, float]:
-        """`skipped` (1: the update was not applied), `nonfinite/loss` (micro-batch losses, all ranks) and
-        `nonfinite/grad_norm` (1 or 0). A non-finite step that was *not* skipped is an error: the weights took
-        it in (e.g. bf16 with DeepSpeed's bf16.check_grad_overflow turned off)."""
-        bad_norm = grad_norm is not None and not np.isfinite(float(grad_norm))
-        if (nonfinite_loss or bad_norm) and not skipped:
-            raise RuntimeError(f"learner rank {self.rank}: DeepSpeed applied an update with a non-finite loss or "
-                               f"gradient norm ({grad_norm}) under learner.zero_stage={self.cfg.zero_stage}; the "
-                               "weights are no longer finite (keep DeepSpeed's bf16.check_grad_overflow on)")
-        return {"skipped": float(skipped), "nonfinite/loss": nonfinite_loss, "nonfinite/grad_norm": float(bad_norm)}
-
-    def _guarded_step(self, skip: bool) -> float:
-        """The boundary `engine.step()` with a plain torch optimizer (fp32 ZeRO 0), which DeepSpeed does not
-        check: returns the gradient norm (before clipping; the gradients are already averaged over ranks), and
-        skips the update when it is not finite or `skip`. A skipped step drops the gradients, so AdamW leaves
-        every parameter and moment alone (it passes over parameters without one), and leaves the LR schedule
-        where it was, as DeepSpeed does on overflow; it is counted in `engine.skipped_steps` as theirs are."""
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-                     ) if grads else 0.0
-        if not (skip or self._all_reduce([float(not np.isfinite(norm))], op="max")[0]):
-            self.engine.step()
-            return norm
-        for p in self.engine.module.parameters():
-            p.grad = None
-        # Clipping would fail on a model without gradients; the scheduler must not advance (restored below).
-        config, scheduler = self.engine._config, self.engine.lr_scheduler
-        clipping, config.gradient_clipping, self.engine.lr_scheduler = config.gradient_clipping, 0.0, None
-        try:
-            self.engine.step()
-        finally:
-            config.gradient_clipping, self.engine.lr_scheduler = clipping, scheduler
-        self.engine.skipped_steps += 1
-        return norm
 
     @torch.no_grad()
     def evaluate(self, table: pa.Table, rows: Sequence[int], num_batches: int) -> dict[str, float]:
