@@ -171,16 +171,13 @@ def sample_memory(roles: Any) -> dict[str, dict[str, float]]:
 
 
 # -- the run ----------------------------------------------------------------------------------------------------
-def soak_loop(base: type, points: Sequence[int]) -> type:
-    """`base` (RLHFLoop) with a memory sample after each step whose completed count is in `points`; the
-    samples and the seconds spent in steps (sampling excluded) collect in `.samples`."""
+def soak_loop(base: type, points: Sequence[int], samples: list[dict[str, Any]]) -> type:
+    """`base` (RLHFLoop) with a memory sample appended to `samples` after each step whose completed count is in
+    `points`; each sample carries the seconds spent in steps so far (sampling excluded)."""
     wanted = set(points)
 
     class SoakLoop(base):
-        def __init__(self, *args: Any, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            self.samples: list[dict[str, Any]] = []
-            self.step_seconds = 0.0
+        step_seconds = 0.0
 
         def step(self, step: int) -> dict[str, Any]:
             began = time.perf_counter()
@@ -188,9 +185,9 @@ def soak_loop(base: type, points: Sequence[int]) -> type:
             self.step_seconds += time.perf_counter() - began
             if step + 1 in wanted:
                 sampled = time.perf_counter()
-                self.samples.append({"step": step + 1, "step_seconds": round(self.step_seconds, 3),
-                                     "groups": sample_memory(self.roles)})
-                self.samples[-1]["sample_seconds"] = round(time.perf_counter() - sampled, 3)
+                samples.append({"step": step + 1, "step_seconds": round(self.step_seconds, 3),
+                                "groups": sample_memory(self.roles)})
+                samples[-1]["sample_seconds"] = round(time.perf_counter() - sampled, 3)
             return stats
 
     return SoakLoop
@@ -214,31 +211,12 @@ def soak_config(args: argparse.Namespace, work: Path) -> Any:
 
 
 def run_soak(cfg: Any, points: Sequence[int]) -> tuple[Path, list[dict[str, Any]], float]:
-    """The RLHF stage as `run_rlhf` builds it, with `SoakLoop` in place of `RLHFLoop`: (run dir, samples,
-    seconds in steps)."""
-    import ray
-    from tqdm.auto import tqdm
+    """The RLHF stage (`run_rlhf`) driven by `SoakLoop`: (run dir, samples, seconds in steps)."""
+    from rlhf_ray.stages.rlhf import RLHFLoop, run_rlhf
 
-    from rlhf_ray.distributed.runtime import ray_session
-    from rlhf_ray.models.loading import load_tokenizer
-    from rlhf_ray.stages.common import RunDir
-    from rlhf_ray.stages.rlhf import RLHFLoop, load_prompt_splits
-    from rlhf_ray.stages.rlhf_roles import Roles, needed_cpus
-
-    prompts, eval_prompts, stats = load_prompt_splits(cfg, load_tokenizer(cfg.policy))
-    tqdm.write(f"[soak] prompts: {json.dumps(stats)}; eval prompts: {eval_prompts.num_rows}")
-    run_dir = RunDir(cfg.run.output_dir, cfg.run.name)
-    run_dir.prepare(cfg, cfg.run.resume)
-    with ray_session(cfg.run.ray_address, max(cfg.run.num_cpus or 0, needed_cpus(cfg)) or None,
-                     log_level=cfg.run.log_level):
-        roles = Roles.create(cfg)
-        try:
-            loop = soak_loop(RLHFLoop, points)(cfg, roles, ray.put(prompts), prompts.num_rows,
-                                               ray.put(eval_prompts), eval_prompts.num_rows, run_dir)
-            loop.run(None)
-            return run_dir.path, loop.samples, loop.step_seconds
-        finally:
-            roles.shutdown()
+    samples: list[dict[str, Any]] = []
+    result = run_rlhf(cfg, loop_cls=soak_loop(RLHFLoop, points, samples))
+    return result.run_dir, samples, samples[-1]["step_seconds"]
 
 
 def write_results(out: Path, samples: list[dict[str, Any]], summary: dict[str, Any]) -> None:

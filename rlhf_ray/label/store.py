@@ -36,6 +36,7 @@ from typing import Any, Optional
 
 from rlhf_ray.config_loader import ConfigError
 from rlhf_ray.label.judgements import rm_rows
+from rlhf_ray.utils.durable import fsync_dir, replace_durably
 
 LOG_FILE = "judgements.jsonl"
 FEEDBACK_FILE = "feedback.jsonl"
@@ -78,16 +79,6 @@ def latest_by_key(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[s
     for record in records:
         latest[(record["annotator"], record["item_id"])] = record
     return latest
-
-
-def fsync_dir(directory: Path) -> None:
-    """fsync a directory, so that a file just created in it, or renamed into it, keeps its name after a power
-    cut (fsyncing the file makes its bytes durable, not the directory entry)."""
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def feedback_bytes(record: dict[str, Any]) -> bytes:
@@ -205,13 +196,7 @@ class JudgementStore:
 
     def _rewrite_feedback(self) -> None:
         """Write the feedback file in full (temporary file, fsync, rename, fsync of the directory)."""
-        tmp = self.feedback_path.with_name(f".{FEEDBACK_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(b"".join(self._rows.values()))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.feedback_path)
-        fsync_dir(self.directory)
+        replace_durably(self.feedback_path, b"".join(self._rows.values()))
         self.rewrites += 1
 
     def refresh(self) -> None:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from rlhf_ray.config.base import RunConfig
 from rlhf_ray.config_loader import ConfigError, save_config
 from rlhf_ray.distributed.worker_group import shard_rows
-from rlhf_ray.stages.durable import fsync_dir, fsync_tree, rewind_metrics, write_json_durably
+from rlhf_ray.utils.durable import fsync_dir, fsync_tree, rewind_metrics, write_json_durably
 
 _CHECKPOINT = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete

@@ -54,7 +54,9 @@ from rlhf_ray.stages.rlhf_tasks import concat_tables, make_experience, read_tabl
 from rlhf_ray.stages.supervised import StageResult
 
 
-def run_rlhf(cfg: RLHFConfig) -> StageResult:
+def run_rlhf(cfg: RLHFConfig, loop_cls: Optional[type[RLHFLoop]] = None) -> StageResult:
+    """The RLHF stage. `loop_cls`: an `RLHFLoop` subclass to drive it (e.g. the memory soak's, which samples
+    every actor's memory between steps); None: `RLHFLoop`."""
     cfg.reward.require_source()
     tokenizer = load_tokenizer(cfg.policy)
     for fn in cfg.reward.functions:  # fail on a bad import path before any actor starts
@@ -68,7 +70,7 @@ def run_rlhf(cfg: RLHFConfig) -> StageResult:
                      log_level=cfg.run.log_level):
         roles = Roles.create(cfg)
         try:
-            loop = RLHFLoop(cfg, roles, ray.put(prompts), prompts.num_rows, ray.put(eval_prompts),
+            loop = (loop_cls or RLHFLoop)(cfg, roles, ray.put(prompts), prompts.num_rows, ray.put(eval_prompts),
                             eval_prompts.num_rows, run_dir)
             return loop.run(resume_from)
         finally:

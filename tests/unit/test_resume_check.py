@@ -1,5 +1,5 @@
 """What a resume checks and cleans up before training goes on (`RunDir.prepare`, `stages.resume_check`,
-`stages.durable`): the config must keep the checkpoint's model, algorithm and data; half-written checkpoints are
+`utils.durable`): the config must keep the checkpoint's model, algorithm and data; half-written checkpoints are
 never resumed and are removed; metrics logged after the checkpoint are dropped, in metrics.jsonl and TensorBoard."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from rlhf_ray.config import DPOConfig, RLHFConfig, RMConfig, SFTConfig
 from rlhf_ray.config_loader import ConfigError, load_config
 from rlhf_ray.stages.common import RunDir, read_metrics
-from rlhf_ray.stages.durable import rewind_metrics
+from rlhf_ray.utils.durable import rewind_metrics
 from rlhf_ray.stages.resume_check import RESUME_LOCKED_KEYS, is_locked, locked_differences
 
 SFT = ["data.train=t.jsonl", "data.eval=e.jsonl", "run.max_steps=10"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,8 +18,9 @@ from tqdm.auto import tqdm
 
 
 def fsync_dir(path: Path) -> None:
-    """Make the entries of directory `path` (creations, renames, deletions) durable."""
-    fd = os.open(path, os.O_RDONLY)
+    """Make the entries of directory `path` (creations, renames, deletions) durable: fsyncing a file makes its
+    bytes durable, not its name."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
     finally:
@@ -39,14 +41,15 @@ def fsync_tree(root: Path) -> None:
 
 
 def write_json_durably(path: Path, data: Any) -> None:
-    _replace_durably(path, json.dumps(data, indent=2) + "\n")
+    replace_durably(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
-def _replace_durably(path: Path, text: str) -> None:
-    """Replace `path` with `text` atomically: a temp file, fsynced, renamed over it, the directory fsynced."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+def replace_durably(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically: a temp file (named for this process and thread, so that writers
+    in several of them never share one), fsynced, renamed over it, the directory fsynced."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -73,7 +76,7 @@ def rewind_metrics(path: Path, step: Optional[int]) -> int:
         else:
             dropped += 1
     if dropped:
-        _replace_durably(path, "".join(line + "\n" for line in keep))
+        replace_durably(path, "".join(line + "\n" for line in keep).encode("utf-8"))
         why = (f"logged after step {step}, the checkpoint resumed from" if step is not None
                else "of an earlier start that left no checkpoint")
         tqdm.write(f"[run] {path}: dropped {dropped} records {why}; this run logs those steps again")
