@@ -121,10 +121,11 @@ class Learner(DistributedWorker):
         for i, batch in enumerate(batches):
             out = self.objective.loss(self.engine, batch.to(self.engine.device))
             loss = out.loss_sum * scale
-            nonfinite_loss += float(not torch.isfinite(loss.detach()).item())
+            # Kept on the device: one host sync per step (at the boundary), not one per micro-batch on GPU.
+            nonfinite_loss = nonfinite_loss + (~torch.isfinite(loss.detach())).float()
             boundary = i == len(batches) - 1
             if boundary:  # every rank decides alike
-                nonfinite_loss = self._all_reduce([nonfinite_loss])[0]
+                nonfinite_loss = self._all_reduce([float(nonfinite_loss)])[0]
                 if nonfinite_loss and not guard_here:
                     loss = loss * float("nan")  # a NaN gradient norm everywhere: DeepSpeed's own check skips
             self.engine.backward(loss)
